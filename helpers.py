@@ -1,0 +1,1106 @@
+"""The course's shared code: every notebook imports what it needs from here.
+
+Each notebook shows the source of the helpers it uses (`show_source`), so what you read
+is what runs. Functions are small and flat, named for what they do.
+"""
+
+from __future__ import annotations
+
+import glob
+import inspect
+import io
+import math
+import os
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+# torch.cuda.is_available() then asks NVML and leaves CUDA uninitialised, so that notebook_launcher can
+# still fork one process per GPU after the notebook has built the model and the optimizer.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F
+from PIL import Image, ImageFile
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+EVAL_SAMPLERS = ("ddpm", "ddim", "dpm++")  # the samplers DDPMPipeline can drive
+PIPELINE_FILES = ("model_index.json", "unet", "scheduler", "unet_raw")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainingConfig:
+    """Every hyper-parameter of a run; the tutorial's fields first, with their full-run values."""
+
+    # The tutorial's fields.
+    image_size: int = 128  # the generated image resolution
+    train_batch_size: int = 16  # images per step on each process
+    eval_batch_size: int = 16  # how many images to sample during evaluation
+    num_epochs: int = 50  # passes over the dataset
+    gradient_accumulation_steps: int = 1  # batches summed before each optimizer step
+    learning_rate: float = 1e-4  # AdamW's peak learning rate
+    lr_warmup_steps: int = 500  # optimizer steps of linear warm-up before the cosine decay
+    save_image_epochs: int = 10  # save a sample grid every N epochs (and after the last)
+    save_model_epochs: int = 30  # save the pipeline every N epochs (and after the last)
+    mixed_precision: str = "auto"  # "auto" (bf16 or fp16 on a GPU, none on a CPU), "no", "fp16", "bf16"
+    output_dir: str = "ddpm-butterflies-128"  # the model name locally and on the HF Hub
+    push_to_hub: bool = False  # upload the saved pipeline to the HF Hub (needs a login)
+    hub_model_id: Optional[str] = None  # "<your-username>/<repo>"; None: the name of output_dir
+    hub_private_repo: bool = False  # create the Hub repository as private
+    overwrite_output_dir: bool = False  # True: start over, deleting an earlier run in output_dir
+    seed: int = 0  # seeds the weights, the data order, the noise and the evaluation grids
+    dataset_name: str = "huggan/smithsonian_butterflies_subset"  # a Hub dataset id or a local folder
+
+    # The model (the tutorial's UNet2DModel); block types follow from block_out_channels.
+    block_out_channels: tuple = (128, 128, 256, 256, 512, 512)  # channels of each U-Net level
+    layers_per_block: int = 2  # ResNet layers in each U-Net block
+    down_block_types: Optional[tuple] = None  # None: derived, attention in the second-deepest level
+    up_block_types: Optional[tuple] = None  # None: the mirror of down_block_types
+
+    # The diffusion process.
+    num_train_timesteps: int = 1000  # T, the number of noising steps
+    eval_sampler: str = "dpm++"  # sampler for evaluation grids: "ddpm", "ddim" or "dpm++"
+    eval_inference_steps: int = 20  # its number of steps (the tutorial: DDPM, 1000 steps)
+
+    # Speed and logging.
+    max_grad_norm: float = 1.0  # gradient clipping
+    logging_steps: int = 10  # read the loss back from the device every N optimizer steps
+    max_train_steps: Optional[int] = None  # stop after N optimizer steps (None: num_epochs)
+
+    # Checkpoints and resuming (the names of diffusers' training scripts).
+    checkpointing_steps: int = 500  # save a resumable checkpoint every N optimizer steps
+    checkpoints_total_limit: Optional[int] = 2  # keep at most N checkpoints (None: all)
+    resume_from_checkpoint: Optional[str] = None  # a checkpoint folder, or "latest"
+
+    # Exponential moving average of the weights (as diffusers' train_unconditional.py).
+    use_ema: bool = True  # sample and save with the EMA weights
+    ema_inv_gamma: float = 1.0  # EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power
+    ema_power: float = 0.75
+    ema_max_decay: float = 0.9999
+
+    # Quality metrics.
+    fid_weights_path: Optional[str] = None  # a local Inception file for FID/KID on machines with no network
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        if self.down_block_types is None:
+            self.down_block_types = default_down_block_types(len(self.block_out_channels))
+        if self.up_block_types is None:
+            self.up_block_types = tuple(
+                t.replace("Down", "Up") for t in reversed(self.down_block_types)
+            )
+        self.down_block_types = tuple(self.down_block_types)
+        self.up_block_types = tuple(self.up_block_types)
+
+
+def default_down_block_types(num_levels):
+    """The tutorial's pattern for any depth: plain ResNet blocks, attention in the second-deepest."""
+    types = ["DownBlock2D"] * num_levels
+    types[max(num_levels - 2, 0)] = "AttnDownBlock2D"
+    return tuple(types)
+
+
+def check_config(config):
+    """Raise a ValueError naming the field and the fix for settings that cannot work."""
+    n = len(config.block_out_channels)
+    for name in ("down_block_types", "up_block_types"):
+        if len(getattr(config, name)) != n:
+            raise ValueError(
+                f"{name} has {len(getattr(config, name))} entries but block_out_channels has {n}: "
+                f"give one block type per level, or leave {name}=None to derive it. (Derived types are "
+                "fixed when the config is created: to change block_out_channels, make a new TrainingConfig(...).)"
+            )
+    factor = 2 ** (n - 1)
+    if config.image_size % factor:
+        raise ValueError(
+            f"image_size={config.image_size} cannot be halved {n - 1} time(s) by a U-Net with {n} "
+            f"levels: use a multiple of {factor} (e.g. {max(factor, config.image_size // factor * factor)}), "
+            "or fewer block_out_channels."
+        )
+    for name in ("image_size", "train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
+                 "save_image_epochs", "save_model_epochs", "checkpointing_steps", "logging_steps"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name}={getattr(config, name)} must be at least 1.")
+    if config.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+        raise ValueError(
+            f"mixed_precision={config.mixed_precision!r}: use 'auto', 'no', 'fp16' or 'bf16'."
+        )
+    if config.mixed_precision in ("fp16", "bf16") and not torch.cuda.is_available():
+        raise ValueError(
+            f"mixed_precision={config.mixed_precision!r} needs a GPU and none is visible: "
+            "use 'auto' (it picks 'no' on a CPU) or 'no'."
+        )
+    if config.eval_sampler not in EVAL_SAMPLERS:
+        raise ValueError(
+            f"eval_sampler={config.eval_sampler!r} cannot drive the evaluation grids: use one of "
+            f"{', '.join(EVAL_SAMPLERS)} (DDPMPipeline needs a scheduler whose step takes a generator and "
+            "no scale_model_input; notebook 06 compares the others with the course's own loop)."
+        )
+    odd = [c for c in config.block_out_channels if c % 32]
+    if odd:
+        raise ValueError(
+            f"block_out_channels={config.block_out_channels}: {odd} not a multiple of 32, which the U-Net's "
+            "GroupNorm (32 groups) needs: use multiples of 32, e.g. (32, 64)."
+        )
+
+
+def resolve_mixed_precision(value):
+    """'auto' means bf16 on GPUs that have it, fp16 on older GPUs, and none on a CPU."""
+    if value != "auto":
+        return value
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def show_source(obj):
+    """Print the source of a helper, so the notebook shows the code that runs."""
+    print(inspect.getsource(obj))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def is_local_path(name):
+    """A dataset_name is a local folder if it exists or looks like a path rather than a Hub id."""
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def load_image_dataset(dataset_name, split="train"):
+    """Load a Hub dataset or a local folder of images as a 🤗 `datasets.Dataset`, with clear errors."""
+    from datasets import load_dataset
+
+    if is_local_path(dataset_name):
+        folder = os.path.expanduser(dataset_name)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"dataset_name={dataset_name!r} looks like a local folder, but no such folder exists. "
+                "Check the path, or use a Hub dataset id such as 'huggan/smithsonian_butterflies_subset'."
+            )
+        files = [p for p in Path(folder).rglob("*") if p.is_file()]
+        if not files:
+            raise ValueError(f"The folder {folder!r} is empty: put your images (.jpg, .png, ...) in it.")
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
+            raise ValueError(
+                f"The folder {folder!r} holds {len(files)} files but no images: the course reads "
+                f"{', '.join(IMAGE_EXTENSIONS)}."
+            )
+        ignored = [str(p.relative_to(folder)) for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS
+                   and p.stem != "metadata" and not any(s.startswith(".") for s in p.relative_to(folder).parts)]
+        if ignored:
+            warnings.warn(
+                f"Skipping {len(ignored)} file(s) in {folder!r} that are not images ({', '.join(IMAGE_EXTENSIONS)}); "
+                f"convert them to .png or .jpg to train on them: {', '.join(ignored[:20])}"
+                + (", ..." if len(ignored) > 20 else "")
+            )
+        return load_dataset("imagefolder", data_dir=folder, split=split)
+    try:
+        return load_dataset(dataset_name, split=split)
+    except Exception as err:  # datasets raises several types for "not found" and "offline"
+        raise RuntimeError(hub_error_message(dataset_name, err)) from err
+
+
+def hub_error_message(dataset_name, err):
+    """Say whether a Hub dataset does not exist or the Hub cannot be reached, and what to do."""
+    from datasets.exceptions import DatasetNotFoundError
+
+    text = f"{type(err).__name__}: {err}"
+    local = (
+        f"(It was read as a Hub id because there is no folder {dataset_name!r} in {os.getcwd()!r}.) "
+        "To train on your own images, or with no network, set dataset_name to a local folder of "
+        "images, e.g. TrainingConfig(dataset_name='path/to/my_images')."
+    )
+    searched = text.replace(dataset_name, "")  # a name like 'me/network-images' must not look offline
+    offline = not isinstance(err, DatasetNotFoundError) and (
+        isinstance(err, (ConnectionError, TimeoutError))
+        or re.search(r"offline|connect|resolve|timed out|network|unreachable|reach|local cache|not cached",
+                     searched, re.I)
+    )
+    if offline:
+        return (
+            f"Could not reach the Hugging Face Hub to load {dataset_name!r} (no network, or "
+            f"HF_HUB_OFFLINE is set). {local}\n(original error: {text})"
+        )
+    if isinstance(err, FileNotFoundError) or re.search(r"doesn't exist|not found|cannot be accessed|gated", searched, re.I):
+        return (
+            f"The Hub has no dataset {dataset_name!r} (or it is private or gated and you are not "
+            f"logged in): check the id on huggingface.co/datasets. {local}\n(original error: {text})"
+        )
+    return (
+        f"Loading the Hub dataset {dataset_name!r} failed: {text}. Check on its page on "
+        f"huggingface.co/datasets that it has a 'train' split with an image column. {local}"
+    )
+
+
+def image_to_rgb(image):
+    """Convert any PIL image (grayscale, 16-bit, palette, RGBA, CMYK, ...) to 8-bit RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F" and array.max() <= 1.0:
+            top = 1.0  # float images usually hold 0..1
+        image = Image.fromarray(np.clip(np.round(array / top * 255.0), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # transparent -> white
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def make_decode_transform(image_size):
+    """Resize the shorter side to image_size, centre-crop a square, and return uint8 C×H×W."""
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.CenterCrop(image_size),
+            transforms.PILToTensor(),
+        ]
+    )
+
+
+def open_image(record):
+    """Open one undecoded `datasets` Image record ({'bytes', 'path'}) with PIL."""
+    if record.get("bytes"):
+        return Image.open(io.BytesIO(record["bytes"]))
+    return Image.open(record["path"])
+
+
+def images_to_tensor(dataset, image_size, image_column=None):
+    """Decode and resize every image once into a uint8 N×3×H×W tensor, skipping unreadable files."""
+    from datasets import Image as ImageFeature
+
+    image_column = image_column or find_image_column(dataset)
+    records = dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]
+    decode = make_decode_transform(image_size)
+    tensors, skipped = [], []
+    for index, record in enumerate(records):
+        name = record.get("path") or f"row {index}"
+        try:
+            with open_image(record) as image:
+                if image.format == "JPEG":
+                    image.draft("RGB", (image_size, image_size))  # decode big JPEGs at a reduced scale
+                image.load()
+                tensors.append(decode(image_to_rgb(image)))
+        except Exception as err:  # PIL raises many types for truncated or non-image files
+            skipped.append(f"{name} ({type(err).__name__}: {err})")
+    if skipped:
+        warnings.warn(
+            f"Skipped {len(skipped)} unreadable image(s) (not images, or truncated); training uses the "
+            f"other {len(tensors)}. Delete or re-save these files to silence this warning:\n  " + "\n  ".join(skipped)
+        )
+    if not tensors:
+        raise ValueError(
+            f"None of the {len(records)} images could be read (see the warning above): check that the "
+            "files are complete images, e.g. by opening a few of them."
+        )
+    return torch.stack(tensors)
+
+
+def find_image_column(dataset):
+    """The name of the dataset's image column ('image' in the butterflies and in imagefolder)."""
+    from datasets import Image as ImageFeature
+
+    for name, feature in dataset.features.items():
+        if isinstance(feature, ImageFeature):
+            return name
+    raise ValueError(f"The dataset has no image column; its columns are {list(dataset.features)}.")
+
+
+def make_dataloader(images, config):
+    """A shuffling DataLoader over the cached uint8 images; each batch is one uint8 tensor."""
+    if len(images) < config.train_batch_size:
+        raise ValueError(
+            f"train_batch_size={config.train_batch_size} is larger than the dataset ({len(images)} "
+            f"images): lower train_batch_size to at most {len(images)}, or add images."
+        )
+    generator = torch.Generator().manual_seed(config.seed)
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images),
+        batch_size=config.train_batch_size,
+        shuffle=True,
+        drop_last=True,  # every batch has the same shape
+        generator=generator,
+    )
+
+
+def augment_batch(uint8_images):
+    """Random horizontal flip per image and scaling to [-1, 1], on the batch's own device."""
+    images = uint8_images.float() / 127.5 - 1.0
+    flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
+    return torch.where(flip, images.flip(-1), images)
+
+
+def to_pil_images(images):
+    """Turn a batch in [-1, 1] (N×3×H×W) into a list of PIL images."""
+    array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+# --------------------------------------------------------------------------- model and scheduler
+
+
+def make_model(config):
+    """The tutorial's UNet2DModel, sized by the config."""
+    from diffusers import UNet2DModel
+
+    check_config(config)
+    return UNet2DModel(
+        sample_size=config.image_size,  # the target image resolution
+        in_channels=3,  # the number of input channels, 3 for RGB images
+        out_channels=3,  # the number of output channels
+        layers_per_block=config.layers_per_block,  # how many ResNet layers to use per UNet block
+        block_out_channels=config.block_out_channels,  # the number of output channels for each UNet block
+        down_block_types=config.down_block_types,
+        up_block_types=config.up_block_types,
+    )
+
+
+def count_parameters(model):
+    """The number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+SAMPLERS = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+
+
+def make_scheduler(name, config_or_scheduler):
+    """A diffusers scheduler by short name, sharing the training noise schedule and its clipping of x0."""
+    import diffusers
+
+    if name not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}.")
+    cls = getattr(diffusers, SAMPLERS[name])
+    # DDPM and DDIM clip their estimate of the clean image to [-1, 1] (clip_sample). DPM-Solver++ and
+    # UniPC have no clip_sample; without their equivalent, thresholding to 1.0, an imperfect noise
+    # estimate at t near T (divided by sqrt(alpha_bar_T) = 0.006) blows the sample up.
+    extra = dict(thresholding=True, sample_max_value=1.0) if name in ("dpm++", "unipc") else {}
+    if isinstance(config_or_scheduler, TrainingConfig):
+        return cls(num_train_timesteps=config_or_scheduler.num_train_timesteps, **extra)
+    return cls.from_config(config_or_scheduler.config, **extra)
+
+
+@torch.no_grad()
+def sample(unet, scheduler, noise, num_inference_steps, generator=None, callback=None):
+    """Run the reverse process from `noise` with any diffusers scheduler; returns images in [-1, 1]."""
+    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    extra = {"generator": generator} if takes_generator else {}
+    for i, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(x, t)
+        noise_pred = unet(model_input, t).sample  # the model's estimate of the noise in x_t
+        x = scheduler.step(noise_pred, t, x, **extra).prev_sample  # x_t -> x_{t-1}
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def evaluate(config, epoch, pipeline):
+    """Sample a grid with a fixed seed and save it as output_dir/samples/<epoch>.png (all processes help)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from diffusers.utils import make_image_grid
+
+    state = PartialState()
+    with state.split_between_processes(list(range(config.eval_batch_size))) as indices:
+        images = []
+        if indices:
+            # One local generator per image: the same grid whatever the number of processes,
+            # and the global RNG (the data order) is left alone (diffusers #7991).
+            generators = [torch.Generator().manual_seed(config.seed + i) for i in indices]
+            images = pipeline(
+                batch_size=len(indices),
+                generator=generators,
+                num_inference_steps=config.eval_inference_steps,
+            ).images
+    images = gather_object(images) if state.num_processes > 1 else images
+    if state.is_main_process:
+        rows = int(math.sqrt(len(images)))
+        while len(images) % rows:
+            rows -= 1
+        grid = make_image_grid(images, rows=rows, cols=len(images) // rows)
+        test_dir = os.path.join(config.output_dir, "samples")
+        os.makedirs(test_dir, exist_ok=True)
+        grid.save(f"{test_dir}/{epoch:04d}.png")
+        return grid
+    return None
+
+
+# --------------------------------------------------------------------------- sampling and quality (notebook 06)
+
+
+def predict_x0(scheduler, x_t, t, noise_pred):
+    """The model's guess of the clean image: x̂_0 = (x_t - sqrt(1 - ᾱ_t) ε_θ(x_t, t)) / sqrt(ᾱ_t)."""
+    alpha_bar = scheduler.alphas_cumprod[int(t)].to(x_t.device)
+    return (x_t - (1 - alpha_bar).sqrt() * noise_pred) / alpha_bar.sqrt()
+
+
+def generate_images(unet, scheduler, num_images, num_inference_steps, batch_size, seed):
+    """Sample in batches, batch b from the noise of seed + b; returns CPU images in [-1, 1] and seconds per batch."""
+    size = unet.config.sample_size
+    batches, start_time = [], time.perf_counter()
+    for b, start in enumerate(range(0, num_images, batch_size)):
+        generator = torch.Generator().manual_seed(seed + b)  # the same noise for every scheduler
+        noise = torch.randn((min(batch_size, num_images - start), 3, size, size), generator=generator)
+        noise = noise.to(unet.device, unet.dtype)
+        batches.append(sample(unet, scheduler, noise, num_inference_steps, generator).float().cpu())
+    seconds = (time.perf_counter() - start_time) * batch_size / num_images
+    return torch.cat(batches), seconds
+
+
+def to_uint8(images):
+    """Images in [-1, 1] to uint8 0-255, as PNG files and the quality metrics see them."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def make_grid(images):
+    """A near-square PIL grid of a batch of images in [-1, 1] (or uint8)."""
+    from diffusers.utils import make_image_grid
+
+    if images.dtype == torch.uint8:
+        images = images.float() / 127.5 - 1
+    rows = int(math.sqrt(len(images)))
+    while len(images) % rows:
+        rows -= 1
+    return make_image_grid(to_pil_images(images), rows=rows, cols=len(images) // rows)
+
+
+def save_gif(frames, path, seconds_per_frame=0.1, hold_last_seconds=2.0):
+    """Write PIL images (to a path or a file object) as a looping animated GIF that pauses on its last frame."""
+    durations = [int(seconds_per_frame * 1000)] * (len(frames) - 1) + [int(hold_last_seconds * 1000)]
+    frames[0].save(path, format="GIF", save_all=True, append_images=list(frames[1:]), duration=durations, loop=0)
+
+
+def check_images(images, name="images"):
+    """Validate a batch of RGB images (uint8 0-255, or float in [-1, 1], clipped) and return it as uint8 N×3×H×W."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor N×3×H×W, got {type(images).__name__}: stack the images "
+            "with torch.stack, or decode a folder with images_to_tensor."
+        )
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"{name} must have shape N×3×H×W (a batch of RGB images, channels first), got "
+            f"{tuple(images.shape)}: add a batch dimension with x[None], or put channels first "
+            "with x.permute(0, 3, 1, 2)."
+        )
+    if len(images) < 2:
+        raise ValueError(f"{name} holds {len(images)} image: a distribution needs at least 2 images.")
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise TypeError(f"{name} has dtype {images.dtype}: pass uint8 (0-255) or float images in [-1, 1].")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} contains NaN or infinite values: the sampler diverged; check the model.")
+    low, high = images.min().item(), images.max().item()
+    if low >= 0 and high > 2:
+        raise ValueError(
+            f"{name} is float with values in [{low:.3g}, {high:.3g}]: that looks like 0-255, but float "
+            "images must be in [-1, 1] (what is outside is clipped). Use .round().to(torch.uint8)."
+        )
+    return to_uint8(images)
+
+
+def blur_5x5(images):
+    """Blur each channel with the 5×5 binomial filter of cv2.pyrDown, mirroring the edges."""
+    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=images.dtype, device=images.device)
+    kernel = (torch.outer(taps, taps) / 256).expand(images.shape[1], 1, 5, 5)
+    return F.conv2d(F.pad(images, (2, 2, 2, 2), mode="reflect"), kernel, groups=images.shape[1])
+
+
+def pyr_down(images):
+    """Blur, then keep every other pixel: half the size (cv2.pyrDown)."""
+    return blur_5x5(images)[:, :, ::2, ::2]
+
+
+def pyr_up(images, size):
+    """Put the pixels on a grid twice as fine, crop to size and blur (cv2.pyrUp)."""
+    up = images.new_zeros(*images.shape[:2], 2 * images.shape[2], 2 * images.shape[3])
+    up[:, :, ::2, ::2] = images
+    return 4 * blur_5x5(up[:, :, : size[0], : size[1]])
+
+
+def laplacian_pyramid(images, min_size=16):
+    """Band-pass levels (each level minus its blurred self) down to the last size >= min_size, which keeps the rest."""
+    levels = [images]
+    while min(levels[-1].shape[-2:]) // 2 >= min_size:
+        smaller = pyr_down(levels[-1])
+        levels[-1] = levels[-1] - pyr_up(smaller, levels[-1].shape[-2:])
+        levels.append(smaller)
+    return levels
+
+
+def random_patches(images, patches_per_image, patch_size, generator):
+    """patches_per_image random patch_size × patch_size neighbourhoods of each image, as (N·P)×3×p×p."""
+    n, c, h, w = images.shape
+    r = patch_size // 2
+    count = n * patches_per_image
+    ys = torch.randint(r, h - r, (count, 1, 1, 1), generator=generator).to(images.device)
+    xs = torch.randint(r, w - r, (count, 1, 1, 1), generator=generator).to(images.device)
+    offsets = torch.arange(-r, r + 1, device=images.device)
+    image = torch.arange(count, device=images.device).div(patches_per_image, rounding_mode="floor")
+    channel = torch.arange(c, device=images.device).view(1, c, 1, 1)
+    rows, cols = ys + offsets.view(1, 1, -1, 1), xs + offsets.view(1, 1, 1, -1)  # broadcast to count×c×p×p
+    return images[image.view(count, 1, 1, 1), channel, rows, cols]
+
+
+def normalize_descriptors(patches):
+    """Flatten patches into descriptors, normalised per set to mean 0 and std 1 in each channel."""
+    mean = patches.mean(dim=(0, 2, 3), keepdim=True)
+    std = patches.std(dim=(0, 2, 3), keepdim=True, correction=0)
+    return ((patches - mean) / std.clamp_min(1e-8)).flatten(1)
+
+
+def sliced_wasserstein(a, b, repeats, projections, generator):
+    """Mean distance between the sorted projections of two descriptor sets on random unit directions."""
+    results = []
+    for _ in range(repeats):
+        directions = torch.randn(a.shape[1], projections, generator=generator).to(a.device)
+        directions = directions / directions.norm(dim=0, keepdim=True)
+        projected_a = (a @ directions).sort(dim=0).values  # 1-D Wasserstein: match sorted values
+        projected_b = (b @ directions).sort(dim=0).values
+        results.append((projected_a - projected_b).abs().mean())
+    return torch.stack(results).mean().item()
+
+
+def swd(real, fake, patches_per_image=128, patch_size=7, repeats=4, projections=128, min_size=16, seed=0):
+    """Karras et al.'s sliced Wasserstein distance ×1e3, averaged over Laplacian levels, plus each level's."""
+    real, fake = check_images(real, "real"), check_images(fake, "fake")
+    if real.shape != fake.shape:
+        raise ValueError(
+            f"SWD compares sets of the same size and resolution: got real {tuple(real.shape)} and "
+            f"fake {tuple(fake.shape)}; pass the same number of images of the same size."
+        )
+    if min(real.shape[-2:]) < min_size:
+        raise ValueError(f"SWD needs images of at least {min_size}×{min_size} pixels, got {tuple(real.shape[-2:])}.")
+    pyramids = laplacian_pyramid(real.float(), min_size), laplacian_pyramid(fake.float(), min_size)
+    directions = torch.Generator().manual_seed(seed)  # the same random directions for both sets
+    scores = {}
+    for level_real, level_fake in zip(*pyramids):
+        descriptors = []
+        for level in (level_real, level_fake):
+            positions = torch.Generator().manual_seed(seed)  # the same patch positions in both sets
+            descriptors.append(normalize_descriptors(random_patches(level, patches_per_image, patch_size, positions)))
+        distance = sliced_wasserstein(*descriptors, repeats, projections, directions)
+        scores[f"swd_{level_real.shape[-1]}px"] = 1e3 * distance  # reported ×1000, as in the paper
+    return {"swd": sum(scores.values()) / len(scores), **scores}
+
+
+def make_inception(weights_path=None):
+    """torchmetrics' Inception-v3 (2048 features) from weights_path, or downloaded once into the torch cache."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    if weights_path is not None and not os.path.isfile(weights_path):
+        raise FileNotFoundError(
+            f"fid_weights_path={weights_path!r} is not a file. Download {URL_INCEPTION_V3} and give "
+            "its path, or set fid_weights_path=None to download it automatically (needs a network)."
+        )
+    try:
+        return NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
+        )
+    except Exception as err:  # URLError, HTTPError, a truncated file, ...
+        raise RuntimeError(
+            f"Could not load the Inception-v3 weights that FID and KID need ({type(err).__name__}: {err}). "
+            f"With no network, download {URL_INCEPTION_V3} on a machine that has one and set "
+            "fid_weights_path to the file."
+        ) from err
+
+
+def make_fid_kid(feature_extractor, kid_subset_size=100):
+    """torchmetrics' FID and KID sharing one feature extractor; reset() keeps the real images' features."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=feature_extractor, reset_real_features=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*save all extracted features")
+        kid = KernelInceptionDistance(feature=feature_extractor, subset_size=kid_subset_size, reset_real_features=False)
+    return fid, kid
+
+
+def add_real_images(fid, kid, images, batch_size=50):
+    """Feed the reference images to FID and KID once (uint8 in, features kept across reset())."""
+    images = check_images(images, "real images")
+    for batch in images.split(batch_size):
+        fid.update(batch.to(fid.device), real=True)
+        kid.update(batch.to(kid.device), real=True)
+
+
+def fid_kid_scores(fid, kid, images, batch_size=50, seed=0):
+    """FID and KID (mean and std over random subsets) of images against the real images already added."""
+    images = check_images(images, "generated images")
+    num_real = sum(len(f) for f in kid.real_features) if isinstance(kid.real_features, list) else len(kid.real_features)
+    if min(num_real, len(images)) < kid.subset_size:
+        raise ValueError(
+            f"KID draws subsets of {kid.subset_size} images, but there are {len(images)} generated and "
+            f"{num_real} real images: use at least {kid.subset_size} of each, or "
+            f"make_fid_kid(..., kid_subset_size={min(num_real, len(images))})."
+        )
+    fid.reset()
+    kid.reset()
+    for batch in images.split(batch_size):
+        fid.update(batch.to(fid.device), real=False)
+        kid.update(batch.to(kid.device), real=False)
+    with torch.random.fork_rng(devices=[]):  # KID's subsets use the global RNG: seed it, then restore it
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {"fid": fid.compute().item(), "kid": kid_mean.item(), "kid_std": kid_std.item()}
+
+
+def quality_metrics(real, fake, fid_kid=None):
+    """SWD between real and fake, plus FID and KID if fid_kid=(fid, kid) already holds the real images."""
+    scores = swd(real, fake)
+    if fid_kid is not None:
+        scores.update(fid_kid_scores(*fid_kid, fake))
+    return scores
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def checkpoints_in(output_dir):
+    """The finished checkpoint-<step> folders in output_dir, oldest first."""
+    found = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*")) if re.fullmatch(r"checkpoint-\d+", os.path.basename(p))]
+    return sorted(found, key=lambda p: int(p.rsplit("-", 1)[1]))
+
+
+def has_trained_model(output_dir):
+    """True if output_dir holds a saved pipeline or a checkpoint."""
+    return os.path.exists(os.path.join(output_dir, "model_index.json")) or bool(checkpoints_in(output_dir))
+
+
+def find_resume_checkpoint(config):
+    """The checkpoint folder to resume from, or None to start fresh; raises if a named one is missing."""
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint == "latest":
+        found = checkpoints_in(config.output_dir)
+        if not found:
+            print(f"No checkpoint in {config.output_dir!r} yet: starting a new training run.")
+        return found[-1] if found else None
+    path = config.resume_from_checkpoint
+    if not os.path.isdir(path):
+        path = os.path.join(config.output_dir, config.resume_from_checkpoint)
+    if not os.path.isdir(path):
+        available = [os.path.basename(p) for p in checkpoints_in(config.output_dir)] or "none"
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={config.resume_from_checkpoint!r} is not a folder. "
+            f"Checkpoints in {config.output_dir!r}: {available}. Use one of them, or 'latest'."
+        )
+    return path
+
+
+def check_output_dir(config):
+    """Raise before any work if training would overwrite an earlier run or resume from nothing."""
+    find_resume_checkpoint(config)
+    if not config.resume_from_checkpoint and not config.overwrite_output_dir and has_trained_model(config.output_dir):
+        raise FileExistsError(
+            f"{config.output_dir!r} already holds a trained model or checkpoints. To continue that "
+            "run set resume_from_checkpoint='latest'; to start over and delete it set "
+            "overwrite_output_dir=True; or choose another output_dir."
+        )
+
+
+def prepare_output_dir(config):
+    """Refuse to train over an earlier run unless told to resume or overwrite; clear it on overwrite."""
+    check_output_dir(config)
+    if not config.resume_from_checkpoint and has_trained_model(config.output_dir):
+        for name in PIPELINE_FILES + ("samples", "logs", ".tmp-pipeline"):
+            remove_path(os.path.join(config.output_dir, name))
+        for path in checkpoints_in(config.output_dir) + glob.glob(os.path.join(config.output_dir, "checkpoint-*.tmp")):
+            remove_path(path)  # also unfinished checkpoint-<step>.tmp folders of a killed run
+
+
+def remove_path(path):
+    """Delete a file or folder if it exists."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def cpu_copy(model):
+    """A copy of a diffusers model on the CPU with the same config and weights (e.g. the raw weights)."""
+    copy = type(model).from_config(model.config)
+    copy.load_state_dict({name: value.detach().cpu() for name, value in model.state_dict().items()})
+    return copy
+
+
+def save_pipeline_atomically(pipeline, output_dir, raw_unet=None):
+    """Save into a temporary folder, then move each file into place: a kill never leaves half a file."""
+    tmp = os.path.join(output_dir, ".tmp-pipeline")
+    remove_path(tmp)
+    pipeline.save_pretrained(tmp)
+    if raw_unet is not None:  # the weights before EMA averaging, for comparing the two (notebook 06)
+        raw_unet.save_pretrained(os.path.join(tmp, "unet_raw"))
+    for source in sorted(Path(tmp).rglob("*")):
+        if source.is_file():
+            target = Path(output_dir) / source.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)  # atomic per file; the configs never change between saves
+    remove_path(tmp)
+
+
+def save_checkpoint(accelerator, output_dir, global_step, total_limit):
+    """accelerator.save_state into checkpoint-<step>.tmp, renamed when complete; prune old ones."""
+    final = os.path.join(output_dir, f"checkpoint-{global_step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        remove_path(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        remove_path(final)
+        os.rename(tmp, final)
+        if total_limit is not None:
+            for old in checkpoints_in(output_dir)[:-total_limit]:
+                remove_path(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --------------------------------------------------------------------------- training
+
+
+def make_optimizer(model, config):
+    """AdamW, fused on CUDA (one kernel for all parameters)."""
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, fused=fused)
+
+
+def make_lr_scheduler(optimizer, config, train_dataloader):
+    """Cosine decay with linear warm-up, counted in optimizer steps (not batches)."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
+    total = steps_per_epoch * config.num_epochs
+    if config.max_train_steps:
+        total = min(total, config.max_train_steps)
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total)
+
+
+def train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_scheduler):
+    """The tutorial's training loop, made fast, resumable and safe on several processes."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers import DDPMPipeline
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    check_config(config)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),  # one order on all processes, resumable
+    )
+    resume_from = find_resume_checkpoint(config)  # raises before any work if a named one is missing
+    check_output_dir(config)  # every process raises alike, so none is left waiting at a barrier
+    if accelerator.is_main_process:
+        prepare_output_dir(config)
+        os.makedirs(config.output_dir, exist_ok=True)
+        remove_path(os.path.join(config.output_dir, ".tmp-pipeline"))
+    accelerator.wait_for_everyone()
+    set_seed(config.seed, device_specific=True)  # a different noise stream on each process
+    repo_id = start_hub_repo(config) if config.push_to_hub and accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_example")
+
+    ema_model = None
+    if config.use_ema:
+        ema_model = EMAModel(
+            model.parameters(),
+            decay=config.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=config.ema_inv_gamma,
+            power=config.ema_power,
+            foreach=True,
+        )
+        ema_model.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema_model)
+
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler
+    )
+    steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
+    max_steps = steps_per_epoch * config.num_epochs
+    if config.max_train_steps:
+        max_steps = min(max_steps, config.max_train_steps)
+
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    if resume_from:
+        accelerator.print(f"Resuming from {resume_from}")
+        accelerator.load_state(resume_from)
+        global_step = int(resume_from.rstrip("/").rsplit("-", 1)[1])
+        first_epoch = global_step // steps_per_epoch
+        skip_batches = (global_step % steps_per_epoch) * config.gradient_accumulation_steps
+
+    eval_scheduler = make_scheduler(config.eval_sampler, noise_scheduler)
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    loss_sum = torch.zeros((), device=accelerator.device)  # summed on the device: no sync per step
+    first_bad_step = torch.full((), -1, device=accelerator.device, dtype=torch.long)
+    window, window_start, images_seen = 0, time.perf_counter(), 0
+    throughput, steady_images, steady_seconds = None, 0, 0.0  # the mean rate after the first window
+    last_checkpoint = checkpoints_in(config.output_dir)[-1] if checkpoints_in(config.output_dir) else None
+    uploads = []  # background Hub uploads, waited for at the end
+
+    def check_finite():
+        """Stop with the step at which the loss first became NaN or infinite, keeping saved work."""
+        bad = int(accelerator.gather(first_bad_step.reshape(1)).max())
+        if bad >= 0:
+            kept = f"The last good checkpoint, {last_checkpoint}, is kept." if last_checkpoint else "No checkpoint had been saved yet."
+            raise FloatingPointError(
+                f"The loss became NaN or infinite at step {bad}. {kept} Lower learning_rate, keep "
+                "max_grad_norm set, or use mixed_precision='bf16'/'no' instead of 'fp16'; then resume "
+                "with resume_from_checkpoint='latest'."
+            )
+
+    for epoch in range(first_epoch, config.num_epochs):
+        if global_step >= max_steps:
+            break
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        progress_bar = tqdm(total=steps_per_epoch, initial=global_step - epoch * steps_per_epoch,
+                            disable=not accelerator.is_local_main_process)
+        progress_bar.set_description(f"Epoch {epoch}")
+
+        for batch in batches:
+            (uint8_images,) = batch
+            clean_images = augment_batch(uint8_images)  # flip and scale on the device
+            # Sample noise to add to the images
+            noise = torch.randn_like(clean_images)
+            bs = clean_images.shape[0]
+            # Sample a random timestep for each image
+            timesteps = torch.randint(0, num_train_timesteps, (bs,), device=clean_images.device)
+            # Add noise to the clean images according to the noise magnitude at each timestep
+            # (this is the forward diffusion process)
+            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+
+            with accelerator.accumulate(model):
+                # Predict the noise residual
+                noise_pred = model(noisy_images, timesteps, return_dict=False)[0]
+                loss = F.mse_loss(noise_pred.float(), noise)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:  # clip only the summed gradients (diffusers #8961)
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            loss = loss.detach()
+            loss_sum += loss
+            first_bad_step.copy_(torch.where((first_bad_step < 0) & ~torch.isfinite(loss), global_step, first_bad_step))
+            images_seen += bs * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            if ema_model is not None:
+                ema_model.step(model.parameters())
+            progress_bar.update(1)
+            global_step += 1
+            window += 1
+
+            if global_step % config.logging_steps == 0 or global_step == max_steps:
+                check_finite()
+                elapsed = time.perf_counter() - window_start
+                logs = {
+                    "loss": (loss_sum / (window * config.gradient_accumulation_steps)).item(),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "step": global_step,
+                    "images_per_second": images_seen / elapsed,
+                }
+                if global_step > config.logging_steps:  # the first window includes warm-up
+                    steady_images, steady_seconds = steady_images + images_seen, steady_seconds + elapsed
+                    throughput = steady_images / steady_seconds
+                progress_bar.set_postfix(**logs)
+                accelerator.log(logs, step=global_step)
+                loss_sum.zero_()
+                window, window_start, images_seen = 0, time.perf_counter(), 0
+
+            if global_step % config.checkpointing_steps == 0:
+                check_finite()
+                last_checkpoint = save_checkpoint(
+                    accelerator, config.output_dir, global_step, config.checkpoints_total_limit
+                )
+            if global_step >= max_steps:
+                break
+        progress_bar.close()
+
+        # After each epoch optionally sample a grid with evaluate() and save the pipeline.
+        last_epoch = epoch == config.num_epochs - 1 or global_step >= max_steps
+        save_images = (epoch + 1) % config.save_image_epochs == 0 or last_epoch
+        save_model = (epoch + 1) % config.save_model_epochs == 0 or last_epoch
+        if save_images or save_model:
+            check_finite()
+            unet = accelerator.unwrap_model(model)
+            keep_raw = ema_model is not None and save_model and accelerator.is_main_process
+            raw_unet = cpu_copy(unet) if keep_raw else None  # saved as unet_raw beside the EMA pipeline
+            if ema_model is not None:
+                ema_model.store(unet.parameters())
+                ema_model.copy_to(unet.parameters())  # sample and save with the averaged weights
+            if save_images:
+                unet.eval()
+                pipeline = DDPMPipeline(unet=unet, scheduler=eval_scheduler)
+                pipeline.set_progress_bar_config(disable=True)
+                evaluate(config, epoch, pipeline)
+                unet.train()
+            if save_model and accelerator.is_main_process:
+                pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
+                save_pipeline_atomically(pipeline, config.output_dir, raw_unet)
+                if repo_id:
+                    uploads.append(upload_to_hub(config, repo_id, f"Epoch {epoch}"))
+            if ema_model is not None:
+                ema_model.restore(unet.parameters())
+            accelerator.wait_for_everyone()
+
+    accelerator.end_training()
+    for future in uploads:
+        wait_for_upload(config, repo_id, future)
+    return {"global_step": global_step, "epochs": math.ceil(global_step / steps_per_epoch),
+            "images_per_second": throughput}
+
+
+def read_logged_scalars(output_dir, tag="loss"):
+    """(steps, values) of one scalar from the TensorBoard logs of every run in output_dir, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points = {}
+    for events in sorted(glob.glob(os.path.join(output_dir, "logs", "**", "events.*"), recursive=True)):
+        accumulator = EventAccumulator(events)
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            points.update({event.step: event.value for event in accumulator.Scalars(tag)})
+    steps = sorted(points)
+    return steps, [points[step] for step in steps]
+
+
+def start_hub_repo(config):
+    """Create the Hub repository (honouring hub_private_repo); on failure warn and train locally."""
+    from huggingface_hub import create_repo
+
+    try:
+        return create_repo(
+            repo_id=config.hub_model_id or Path(config.output_dir).name,
+            private=config.hub_private_repo,
+            exist_ok=True,
+        ).repo_id
+    except Exception as err:
+        warnings.warn(
+            f"push_to_hub=True but the Hub repository could not be created ({type(err).__name__}: {err}). "
+            f"Training goes on and the model is saved locally in {config.output_dir!r}. Log in with "
+            "`huggingface_hub.notebook_login()` (or `hf auth login` in a terminal) with a write token, "
+            "then upload the folder with `huggingface_hub.upload_folder`."
+        )
+        return None
+
+
+def upload_to_hub(config, repo_id, message):
+    """Start uploading output_dir's pipeline (not checkpoints) in the background; returns a Future."""
+    from huggingface_hub import HfApi
+
+    return HfApi().upload_folder(
+        repo_id=repo_id,
+        folder_path=config.output_dir,
+        commit_message=message,
+        ignore_patterns=["checkpoint-*", ".tmp-*", "logs/*"],
+        run_as_future=True,  # training goes on; no other process waits at a barrier for the upload
+    )
+
+
+def wait_for_upload(config, repo_id, future):
+    """Wait for a background upload; warn with the command to retry, never lose the local copy."""
+    try:
+        future.result()
+    except Exception as err:
+        warnings.warn(
+            f"Upload to {repo_id!r} failed ({type(err).__name__}: {err}); the model is saved locally in "
+            f"{config.output_dir!r}. Log in with a write token and run `huggingface_hub.upload_folder("
+            f"repo_id={repo_id!r}, folder_path={config.output_dir!r})`."
+        )
+
+
+# --------------------------------------------------------------------------- one call, and the command line
+
+
+def build_training(config, images):
+    """The tutorial's train_loop arguments: config, model, noise scheduler, optimizer, DataLoader, LR schedule."""
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+
+    check_config(config)
+    set_seed(config.seed)  # the same initial weights on every process and every run
+    model = make_model(config)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps)
+    train_dataloader = make_dataloader(images, config)
+    optimizer = make_optimizer(model, config)
+    lr_scheduler = make_lr_scheduler(optimizer, config, train_dataloader)
+    return config, model, noise_scheduler, optimizer, train_dataloader, lr_scheduler
+
+
+def parse_config(argv=None):
+    """A TrainingConfig from command-line flags named after its fields (--image_size 64 ...)."""
+    import argparse
+    import dataclasses
+
+    parser = argparse.ArgumentParser(description="Train the course's diffusion model (see README).")
+    for f in dataclasses.fields(TrainingConfig):
+        parser.add_argument(f"--{f.name}", type=str, default=None, help=f"default: {f.default!r}")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    defaults = TrainingConfig()
+    values = {}
+    for name, text in given.items():
+        default = getattr(defaults, name)
+        if text.lower() in ("none", "null"):
+            values[name] = None
+        elif isinstance(default, bool):
+            values[name] = text.lower() in ("1", "true", "yes")
+        elif isinstance(default, tuple):
+            items = [s.strip() for s in text.strip("()[]").split(",") if s.strip()]
+            values[name] = tuple(int(s) if s.isdigit() else s for s in items)
+        elif isinstance(default, (int, float)):
+            values[name] = type(default)(text)
+        elif name == "max_train_steps":
+            values[name] = int(text)
+        elif name in ("down_block_types", "up_block_types"):
+            values[name] = tuple(s.strip() for s in text.strip("()[]").split(",") if s.strip())
+        else:
+            values[name] = text
+    return TrainingConfig(**values)
+
+
+def main(argv=None):
+    """Load the images, build everything and train: `accelerate launch helpers.py --image_size 128 ...`."""
+    config = parse_config(argv)
+    check_config(config)
+    check_output_dir(config)
+    images = images_to_tensor(load_image_dataset(config.dataset_name), config.image_size)
+    result = train_loop(*build_training(config, images))
+    print(f"done: {result}")
+
+
+if __name__ == "__main__":
+    main()

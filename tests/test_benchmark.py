@@ -1,0 +1,48 @@
+"""benchmarks/train_speed.py runs end to end on a CPU at tiny size (that it runs, not how fast)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT, write_images
+
+
+def test_speed_benchmark_runs_on_cpu_and_writes_json(tmp_path):
+    images = write_images(str(tmp_path / "images"), 20)
+    out = tmp_path / "results.json"
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    command = [
+        sys.executable, os.path.join(ROOT, "benchmarks", "train_speed.py"),
+        "--device", "cpu", "--tiny", "--image-size", "32", "--steps", "3", "--warmup-steps", "1",
+        "--data", images, "--tutorial-batch-size", "2", "--batch-sizes", "2",
+        "--eval-batch-size", "2", "--tutorial-eval-steps", "2", "--course-eval-steps", "2",
+        "--json", str(out),
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=str(tmp_path), timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    lines = run.stdout.strip().splitlines()
+    assert any(re.match(r"tutorial\s+as written\s+2\s+no\s+[\d.]+\s+[\d.]+\s+n/a\s+n/a", l) for l in lines), run.stdout
+    assert any(re.match(r"course\s+default\s+2\s+no\s+[\d.]+\s+[\d.]+\s+n/a\s+n/a", l) for l in lines), run.stdout
+    assert any(re.match(r"tutorial\s+ddpm\s+2 steps", l) for l in lines), run.stdout
+    assert any(re.match(r"course\s+dpm\+\+\s+2 steps", l) for l in lines), run.stdout
+    assert re.fullmatch(r"speedup: \d+\.\d\dx \(course \d+\.\d img/s, tutorial \d+\.\d img/s\)", lines[-1]), lines[-1]
+
+    report = json.loads(out.read_text())
+    assert report["smoke_run"] is True and report["device"]["type"] == "cpu"
+    assert report["model"]["block_out_channels"] == [32, 64] and report["model"]["train_gflops_per_image"] > 0
+    assert report["data"]["num_images"] == 20
+    assert report["steps"] == {"warmup": 1, "timed": 3}
+    rows = {(r["loop"], r["variant"]): r for r in report["train"]}
+    assert set(rows) == {("tutorial", "as written"), ("course", "default")}
+    for row in rows.values():
+        assert row["error"] is None and row["steps_run"] == 4 and row["batch_size"] == 2
+        assert row["images_per_second"] > 0 and row["ms_per_step"] > 0
+        assert row["peak_memory_gib"] is None and row["mfu"] is None  # n/a on a CPU
+    assert [e["loop"] for e in report["evaluation"]] == ["tutorial", "course"]
+    assert all(e["seconds"] > 0 for e in report["evaluation"])
+    speedup = report["speedup"]
+    assert speedup["train"] > 0
+    assert abs(speedup["train"] - speedup["course_images_per_second"] / speedup["tutorial_images_per_second"]) < 1e-9

@@ -1,0 +1,109 @@
+"""Every notebook, executed in order by papermill at reduced size, then its checked cells re-run by nbval."""
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, write_images
+
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "[0-9][0-9]_*.ipynb")))
+NAMES = [os.path.basename(p) for p in NOTEBOOKS]
+
+
+def reduced_parameters(tmp):
+    """The CI sizes: a tiny model at 32 px for two epochs on generated images (full-size values stay in the notebooks)."""
+    return dict(
+        dataset_name=os.path.join(tmp, "images"),
+        output_dir=os.path.join(tmp, "ddpm-test"),
+        overwrite_output_dir=True,  # nbval re-runs 05 over the model that papermill's run saved
+        image_size=32,
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        train_batch_size=8,
+        eval_batch_size=4,
+        num_epochs=2,
+        lr_warmup_steps=2,
+        save_image_epochs=1,
+        save_model_epochs=1,
+        checkpointing_steps=4,
+        logging_steps=1,
+        mixed_precision="no",
+        num_processes=1,
+        eval_inference_steps=5,
+        ddpm_steps=20,
+        num_metric_images=8,
+    )
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Run all notebooks once, in order (05 trains the model that 06 samples from); yield their outputs."""
+    import papermill
+
+    tmp = str(tmp_path_factory.mktemp("course"))
+    write_images(os.path.join(tmp, "images"), 24)
+    # Executed copies go to tmp/notebooks, beside a link to helpers.py, as in the repository:
+    # papermill and nbval both run them with that folder as the working directory.
+    os.makedirs(os.path.join(tmp, "notebooks"))
+    os.symlink(os.path.join(ROOT, "helpers.py"), os.path.join(tmp, "helpers.py"))
+    values = reduced_parameters(tmp)
+    results = {}
+    for path in NOTEBOOKS:
+        declared = papermill.inspect_notebook(path)
+        params = {k: v for k, v in values.items() if k in declared}
+        output = os.path.join(tmp, "notebooks", os.path.basename(path))
+        try:
+            papermill.execute_notebook(path, output, parameters=params, cwd=os.path.dirname(output),
+                                       kernel_name="python3", progress_bar=False)
+            results[os.path.basename(path)] = (output, None)
+        except Exception as err:  # papermill keeps the traceback in the output notebook
+            results[os.path.basename(path)] = (output, err)
+    yield tmp, results
+
+
+def test_the_course_has_six_numbered_notebooks():
+    assert NAMES == ["01_config.ipynb", "02_dataset.ipynb", "03_model.ipynb", "04_scheduler.ipynb",
+                     "05_training.ipynb", "06_sampling.ipynb"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebook_is_light_and_parameterised(name):
+    cells = json.load(open(os.path.join(ROOT, "notebooks", name)))["cells"]
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters' (papermill injects after it)"
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "commit without outputs"
+    assert "google.colab" in "".join(code[0]["source"]), "the first code cell installs on Colab only"
+    assert any("".join(c["source"]).startswith("# NBVAL_CHECK_OUTPUT") for c in code), "nothing for nbval to check"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs_top_to_bottom_at_reduced_size(executed, name):
+    output, error = executed[1][name]
+    assert error is None, f"{name} failed; see {output}:\n{error}"
+
+
+def test_training_notebook_saved_a_loadable_pipeline_and_samples(executed):
+    from diffusers import DDPMPipeline
+
+    out = reduced_parameters(executed[0])["output_dir"]
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["0000.png", "0001.png"]
+    pipeline = DDPMPipeline.from_pretrained(out)
+    assert pipeline.unet.config.sample_size == 32
+
+
+def test_nbval_reproduces_the_checked_cells(executed):
+    outputs = [executed[1][name][0] for name in NAMES if executed[1][name][1] is None]
+    assert len(outputs) == len(NAMES), "a notebook failed to execute; see the test above"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider",
+         "-q", "-c", os.devnull, "--rootdir", executed[0], *outputs],
+        cwd=os.path.join(executed[0], "notebooks"), capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-6000:]
+    passed = re.search(r"(\d+) passed", run.stdout)
+    assert passed and int(passed.group(1)) >= len(NAMES), run.stdout[-2000:]

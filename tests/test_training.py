@@ -1,0 +1,197 @@
+"""train_loop end to end on a CPU: saving, resuming after SIGKILL, two processes, NaN, Hub without login."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+from conftest import ROOT, tiny_config, write_images
+
+import helpers
+
+
+def train(config, image_folder):
+    """Load the folder and run the tutorial's train_loop in this process."""
+    images = helpers.images_to_tensor(helpers.load_image_dataset(image_folder), config.image_size)
+    return helpers.train_loop(*helpers.build_training(config, images))
+
+
+def unet_weights(output_dir):
+    """The saved UNet's state dict."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel.from_pretrained(os.path.join(output_dir, "unet")).state_dict()
+
+
+def logged_steps(output_dir):
+    """Every step at which the loss was written to TensorBoard."""
+    return helpers.read_logged_scalars(output_dir, "loss")[0]
+
+
+def test_train_loop_saves_a_loadable_pipeline_grids_and_logs(tmp_path, image_folder):
+    from diffusers import DDPMPipeline
+
+    config = tiny_config(tmp_path / "run")
+    result = train(config, image_folder)
+    assert result["global_step"] == 2 * (24 // 4)  # two epochs of six batches
+    out = config.output_dir
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["0000.png", "0001.png"]
+    assert [os.path.basename(p) for p in helpers.checkpoints_in(out)] == ["checkpoint-8", "checkpoint-12"]
+    assert not glob.glob(os.path.join(out, "*.tmp")) and not os.path.exists(os.path.join(out, ".tmp-pipeline"))
+    assert logged_steps(out) == [2, 4, 6, 8, 10, 12]
+    pipeline = DDPMPipeline.from_pretrained(out)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_gradient_accumulation_counts_optimizer_steps_and_ends_the_cosine(tmp_path, image_folder):
+    config = tiny_config(tmp_path / "run", gradient_accumulation_steps=2, save_image_epochs=10)
+    images = helpers.images_to_tensor(helpers.load_image_dataset(image_folder), config.image_size)
+    args = helpers.build_training(config, images)
+    lr_scheduler = args[-1]
+    result = helpers.train_loop(*args)
+    assert result["global_step"] == 2 * (6 // 2)
+    assert lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # not stretched (diffusers script's defect)
+
+
+def cli(output_dir, image_folder, *extra):
+    """The command line that `accelerate launch helpers.py` runs, as a subprocess."""
+    flags = dict(
+        dataset_name=image_folder, output_dir=output_dir, image_size=32, block_out_channels="32,64",
+        layers_per_block=1, train_batch_size=4, eval_batch_size=4, num_epochs=4, lr_warmup_steps=2,
+        save_image_epochs=100, save_model_epochs=100, mixed_precision="no", eval_inference_steps=2,
+        checkpointing_steps=4, checkpoints_total_limit=3, logging_steps=1,
+    )
+    command = [sys.executable, os.path.join(ROOT, "helpers.py")]
+    for name, value in flags.items():
+        command += [f"--{name}", str(value)]
+    return command + list(extra)
+
+
+def test_sigkill_after_a_checkpoint_then_resume_latest_matches_an_uninterrupted_run(tmp_path, image_folder):
+    env = dict(os.environ, PYTHONPATH=ROOT, TQDM_DISABLE="1")
+    full, interrupted = str(tmp_path / "full"), str(tmp_path / "interrupted")
+    subprocess.run(cli(full, image_folder), env=env, check=True, capture_output=True, timeout=300)
+
+    process = subprocess.Popen(cli(interrupted, image_folder), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not os.path.isdir(os.path.join(interrupted, "checkpoint-8")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not os.path.exists(os.path.join(interrupted, "model_index.json"))  # killed mid-run
+
+    resumed = subprocess.run(cli(interrupted, image_folder, "--resume_from_checkpoint", "latest"),
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout
+    assert "'global_step': 24" in resumed.stdout  # 4 epochs x 6 batches, as the uninterrupted run
+    assert logged_steps(interrupted)[-1] == 24 and 1 in logged_steps(interrupted)  # one continued curve
+    a, b = unet_weights(full), unet_weights(interrupted)
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, f"resumed weights differ from the uninterrupted run by {worst}"
+
+
+def test_two_processes_shard_the_data_agree_on_weights_and_write_once(tmp_path):
+    folder = write_images(str(tmp_path / "solid"), 16, solid=True)
+    config = tiny_config(tmp_path / "run", num_epochs=2, checkpointing_steps=2, use_ema=True, dataset_name=folder)
+    fields = {k: v for k, v in vars(config).items()}
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "two_process_run.py"), json.dumps(fields)],
+                         env=dict(os.environ, TQDM_DISABLE="1"), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+    runs = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    for epoch in range(2):  # 16 images, batch 4 per process: 2 batches per process per epoch
+        shards = [sorted(v for batch in run["seen"][2 * epoch:2 * epoch + 2] for v in batch) for run in runs]
+        assert not set(shards[0]) & set(shards[1]), "the two processes saw the same images"
+        assert sorted(shards[0] + shards[1]) == [8 * i + 4 for i in range(16)]
+    weights = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert len(runs[0]["saves"]) == 2 and runs[1]["saves"] == []  # pipeline saved by the main process only
+    assert sorted(os.listdir(os.path.join(config.output_dir, "samples"))) == ["0000.png", "0001.png"]
+    assert len(glob.glob(os.path.join(config.output_dir, "logs", "**", "events.*"), recursive=True)) == 1
+    assert [os.path.basename(p) for p in helpers.checkpoints_in(config.output_dir)] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, image_folder, monkeypatch):
+    config = tiny_config(tmp_path / "run", num_epochs=3, checkpointing_steps=4, logging_steps=2)
+    mse, calls = torch.nn.functional.mse_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = mse(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 5 else loss  # the 6th step (step 5) goes bad
+
+    monkeypatch.setattr(helpers.F, "mse_loss", poisoned)
+    with pytest.raises(FloatingPointError) as error:
+        train(config, image_folder)
+    message = str(error.value)
+    assert "at step 5" in message and "checkpoint-4" in message and "resume_from_checkpoint" in message
+    assert [os.path.basename(p) for p in helpers.checkpoints_in(config.output_dir)] == ["checkpoint-4"]
+    assert not os.path.exists(os.path.join(config.output_dir, "model_index.json"))  # NaN weights never saved
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(config.output_dir, "checkpoint-4", "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_push_to_hub_without_a_login_still_saves_locally_and_says_to_log_in(tmp_path, image_folder, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = tiny_config(tmp_path / "run", num_epochs=1, push_to_hub=True, hub_model_id="someone/butterflies")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config, image_folder)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "log in" in messages.lower() and "saved locally" in messages
+    assert os.path.exists(os.path.join(config.output_dir, "model_index.json"))
+
+
+def test_a_second_run_refuses_to_overwrite_before_any_training(tmp_path, image_folder):
+    config = tiny_config(tmp_path / "run", num_epochs=1)
+    train(config, image_folder)
+    saved = os.path.getmtime(os.path.join(config.output_dir, "unet", "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(FileExistsError, match="resume_from_checkpoint='latest'.*overwrite_output_dir=True"):
+        helpers.check_output_dir(config)
+    with pytest.raises(FileExistsError):
+        train(config, image_folder)
+    assert os.path.getmtime(os.path.join(config.output_dir, "unet", "diffusion_pytorch_model.safetensors")) == saved
+
+
+def test_push_to_hub_creates_the_repo_as_asked_and_uploads_after_saving(tmp_path, image_folder, monkeypatch):
+    import huggingface_hub
+    from concurrent.futures import Future
+
+    calls = []
+
+    def fake_create_repo(repo_id, private, exist_ok):
+        calls.append(("create", repo_id, private))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def fake_upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns, run_as_future):
+        saved = os.path.exists(os.path.join(folder_path, "unet", "diffusion_pytorch_model.safetensors"))
+        calls.append(("upload", repo_id, saved, tuple(ignore_patterns), run_as_future))
+        future = Future()
+        future.set_exception(ConnectionError("no network in the test")) if len(calls) > 2 else future.set_result(None)
+        return future
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
+    config = tiny_config(tmp_path / "run", num_epochs=2, push_to_hub=True, hub_private_repo=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config, image_folder)
+    assert calls[0] == ("create", "run", True)  # hub_model_id=None: the name of output_dir, private as asked
+    assert [c[0] for c in calls[1:]] == ["upload", "upload"]  # after each save (every epoch here)
+    assert all(c[2] and "checkpoint-*" in c[3] and c[4] for c in calls[1:])  # saved first, no checkpoints, background
+    assert any("Upload to 'run' failed" in str(w.message) and "saved locally" in str(w.message) for w in caught)
