@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +26,7 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F
-from PIL import Image, ImageFile
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 EVAL_SAMPLERS = ("ddpm", "ddim", "dpm++")  # the samplers DDPMPipeline can drive
@@ -724,7 +724,7 @@ def prepare_output_dir(config):
     """Refuse to train over an earlier run unless told to resume or overwrite; clear it on overwrite."""
     check_output_dir(config)
     if not config.resume_from_checkpoint and has_trained_model(config.output_dir):
-        for name in PIPELINE_FILES + ("samples", "logs", ".tmp-pipeline"):
+        for name in PIPELINE_FILES + ("samples", "logs", ".tmp-pipeline", "samplers.csv"):  # 06 writes samplers.csv
             remove_path(os.path.join(config.output_dir, name))
         for path in checkpoints_in(config.output_dir) + glob.glob(os.path.join(config.output_dir, "checkpoint-*.tmp")):
             remove_path(path)  # also unfinished checkpoint-<step>.tmp folders of a killed run
@@ -1026,7 +1026,7 @@ def upload_to_hub(config, repo_id, message):
         repo_id=repo_id,
         folder_path=config.output_dir,
         commit_message=message,
-        ignore_patterns=["checkpoint-*", ".tmp-*", "logs/*"],
+        ignore_patterns=["checkpoint-*", ".tmp-*", "unet_raw/*"],  # logs and samples go too, as in the tutorial
         run_as_future=True,  # training goes on; no other process waits at a barrier for the upload
     )
 
