@@ -1,6 +1,8 @@
 """The course's shared code: every notebook imports what it needs from here.
 
-Each notebook shows the source of the helpers it uses (`show_source`), so what you read
+In the order of the course: the functions of lessons 01 (config), 02 (data), 03 (model), 05 (training),
+06 (sampling) and 07 (quality) first, then the infrastructure they call (errors, saving, the Hub, the
+command line). Each notebook shows the source of the helpers it uses (`show_source`), so what you read
 is what runs. Functions are small and flat, named for what they do.
 """
 
@@ -28,12 +30,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F
 from PIL import Image
 
+
+# --------------------------------------------------------------------------- constants
+
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 EVAL_SAMPLERS = ("ddpm", "ddim", "dpm++")  # the samplers DDPMPipeline can drive
 PIPELINE_FILES = ("model_index.json", "unet", "scheduler", "unet_raw")
 
 
-# --------------------------------------------------------------------------- config
+# --------------------------------------------------------------------------- 01 config
 
 
 @dataclass
@@ -101,6 +107,36 @@ class TrainingConfig:
         self.up_block_types = tuple(self.up_block_types)
 
 
+PRESETS = {
+    # The TrainingConfig defaults: the tutorial's 113.7 M-parameter U-Net at 128 px for 50 epochs (a GPU).
+    "tutorial": {},
+    # A 3.6 M-parameter U-Net at 32 px for a 2-core CPU or a free Colab GPU (the README: its time, its grid).
+    "quick": dict(
+        image_size=32,  # 16× fewer pixels than 128 px
+        block_out_channels=(32, 64, 128),  # three levels: 32, 16 and 8 px
+        down_block_types=("DownBlock2D",) * 3,  # attention only in the middle block (8 px): on a CPU the
+        # attention at 16 px takes about a third of the step time
+        layers_per_block=2,
+        train_batch_size=16,
+        num_epochs=70,  # 52 steps an epoch on 832 photos (62 on the 1,000 butterflies)
+        learning_rate=3e-4,  # a small model tolerates a larger step
+        lr_warmup_steps=200,
+        save_image_epochs=10,
+        save_model_epochs=35,
+        checkpointing_steps=1000,
+        output_dir="ddpm-butterflies-quick",
+    ),
+}
+
+
+def preset_config(preset="tutorial", **values):
+    """A TrainingConfig from a named preset; every value given that is not None overrides the preset's."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: use one of {', '.join(map(repr, PRESETS))}.")
+    given = {name: value for name, value in values.items() if value is not None}
+    return TrainingConfig(**{**PRESETS[preset], **given})
+
+
 def default_down_block_types(num_levels):
     """The tutorial's pattern for any depth: plain ResNet blocks, attention in the second-deepest."""
     types = ["DownBlock2D"] * num_levels
@@ -161,17 +197,7 @@ def resolve_mixed_precision(value):
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def show_source(obj):
-    """Print the source of a helper, so the notebook shows the code that runs."""
-    print(inspect.getsource(obj))
-
-
-# --------------------------------------------------------------------------- data
-
-
-def is_local_path(name):
-    """A dataset_name is a local folder if it exists or looks like a path rather than a Hub id."""
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+# --------------------------------------------------------------------------- 02 data
 
 
 def load_image_dataset(dataset_name, split="train"):
@@ -208,83 +234,16 @@ def load_image_dataset(dataset_name, split="train"):
         raise RuntimeError(hub_error_message(dataset_name, err)) from err
 
 
-def hub_error_message(dataset_name, err):
-    """Say whether a Hub dataset does not exist or the Hub cannot be reached, and what to do."""
-    from datasets.exceptions import DatasetNotFoundError
-
-    text = f"{type(err).__name__}: {err}"
-    local = (
-        f"(It was read as a Hub id because there is no folder {dataset_name!r} in {os.getcwd()!r}.) "
-        "To train on your own images, or with no network, set dataset_name to a local folder of "
-        "images, e.g. TrainingConfig(dataset_name='path/to/my_images')."
-    )
-    searched = text.replace(dataset_name, "")  # a name like 'me/network-images' must not look offline
-    offline = not isinstance(err, DatasetNotFoundError) and (
-        isinstance(err, (ConnectionError, TimeoutError))
-        or re.search(r"offline|connect|resolve|timed out|network|unreachable|reach|local cache|not cached",
-                     searched, re.I)
-    )
-    if offline:
-        return (
-            f"Could not reach the Hugging Face Hub to load {dataset_name!r} (no network, or "
-            f"HF_HUB_OFFLINE is set). {local}\n(original error: {text})"
-        )
-    if isinstance(err, FileNotFoundError) or re.search(r"doesn't exist|not found|cannot be accessed|gated", searched, re.I):
-        return (
-            f"The Hub has no dataset {dataset_name!r} (or it is private or gated and you are not "
-            f"logged in): check the id on huggingface.co/datasets. {local}\n(original error: {text})"
-        )
-    return (
-        f"Loading the Hub dataset {dataset_name!r} failed: {text}. Check on its page on "
-        f"huggingface.co/datasets that it has a 'train' split with an image column. {local}"
-    )
-
-
-def image_to_rgb(image):
-    """Convert any PIL image (grayscale, 16-bit, palette, RGBA, CMYK, ...) to 8-bit RGB."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        if image.mode == "F" and array.max() <= 1.0:
-            top = 1.0  # float images usually hold 0..1
-        image = Image.fromarray(np.clip(np.round(array / top * 255.0), 0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # transparent -> white
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
-
-
-def make_decode_transform(image_size):
-    """Resize the shorter side to image_size, centre-crop a square, and return uint8 C×H×W."""
-    from torchvision import transforms
-
-    return transforms.Compose(
-        [
-            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
-            transforms.CenterCrop(image_size),
-            transforms.PILToTensor(),
-        ]
-    )
-
-
-def open_image(record):
-    """Open one undecoded `datasets` Image record ({'bytes', 'path'}) with PIL."""
-    if record.get("bytes"):
-        return Image.open(io.BytesIO(record["bytes"]))
-    return Image.open(record["path"])
-
-
 def images_to_tensor(dataset, image_size, image_column=None):
     """Decode and resize every image once into a uint8 N×3×H×W tensor, skipping unreadable files."""
     from datasets import Image as ImageFeature
+    from tqdm.auto import tqdm
 
     image_column = image_column or find_image_column(dataset)
     records = dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]
     decode = make_decode_transform(image_size)
     tensors, skipped = [], []
-    for index, record in enumerate(records):
+    for index, record in enumerate(tqdm(records, desc="Decoding images", leave=False)):
         name = record.get("path") or f"row {index}"
         try:
             with open_image(record) as image:
@@ -307,14 +266,33 @@ def images_to_tensor(dataset, image_size, image_column=None):
     return torch.stack(tensors)
 
 
-def find_image_column(dataset):
-    """The name of the dataset's image column ('image' in the butterflies and in imagefolder)."""
-    from datasets import Image as ImageFeature
+def make_decode_transform(image_size):
+    """Resize the shorter side to image_size, centre-crop a square, and return uint8 C×H×W."""
+    from torchvision import transforms
 
-    for name, feature in dataset.features.items():
-        if isinstance(feature, ImageFeature):
-            return name
-    raise ValueError(f"The dataset has no image column; its columns are {list(dataset.features)}.")
+    return transforms.Compose(
+        [
+            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.CenterCrop(image_size),
+            transforms.PILToTensor(),
+        ]
+    )
+
+
+def image_to_rgb(image):
+    """Convert any PIL image (grayscale, 16-bit, palette, RGBA, CMYK, ...) to 8-bit RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F" and array.max() <= 1.0:
+            top = 1.0  # float images usually hold 0..1
+        image = Image.fromarray(np.clip(np.round(array / top * 255.0), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # transparent -> white
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
 
 
 def make_dataloader(images, config):
@@ -347,7 +325,7 @@ def to_pil_images(images):
     return [Image.fromarray(a) for a in array]
 
 
-# --------------------------------------------------------------------------- model and scheduler
+# --------------------------------------------------------------------------- 03 model
 
 
 def make_model(config):
@@ -371,45 +349,265 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-SAMPLERS = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-}
+# --------------------------------------------------------------------------- 05 training
 
 
-def make_scheduler(name, config_or_scheduler):
-    """A diffusers scheduler by short name, sharing the training noise schedule and its clipping of x0."""
-    import diffusers
+def build_training(config, images):
+    """The tutorial's train_loop arguments: config, model, noise scheduler, optimizer, DataLoader, LR schedule."""
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
 
-    if name not in SAMPLERS:
-        raise ValueError(f"Unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}.")
-    cls = getattr(diffusers, SAMPLERS[name])
-    # DDPM and DDIM clip their estimate of the clean image to [-1, 1] (clip_sample). DPM-Solver++ and
-    # UniPC have no clip_sample; without their equivalent, thresholding to 1.0, an imperfect noise
-    # estimate at t near T (divided by sqrt(alpha_bar_T) = 0.006) blows the sample up.
-    extra = dict(thresholding=True, sample_max_value=1.0) if name in ("dpm++", "unipc") else {}
-    if isinstance(config_or_scheduler, TrainingConfig):
-        return cls(num_train_timesteps=config_or_scheduler.num_train_timesteps, **extra)
-    return cls.from_config(config_or_scheduler.config, **extra)
+    check_config(config)
+    set_seed(config.seed)  # the same initial weights on every process and every run
+    model = make_model(config)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps)
+    train_dataloader = make_dataloader(images, config)
+    optimizer = make_optimizer(model, config)
+    lr_scheduler = make_lr_scheduler(optimizer, config, train_dataloader)
+    return config, model, noise_scheduler, optimizer, train_dataloader, lr_scheduler
 
 
-@torch.no_grad()
-def sample(unet, scheduler, noise, num_inference_steps, generator=None, callback=None):
-    """Run the reverse process from `noise` with any diffusers scheduler; returns images in [-1, 1]."""
-    scheduler.set_timesteps(num_inference_steps, device=noise.device)
-    x = noise * scheduler.init_noise_sigma
-    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-    extra = {"generator": generator} if takes_generator else {}
-    for i, t in enumerate(scheduler.timesteps):
-        model_input = scheduler.scale_model_input(x, t)
-        noise_pred = unet(model_input, t).sample  # the model's estimate of the noise in x_t
-        x = scheduler.step(noise_pred, t, x, **extra).prev_sample  # x_t -> x_{t-1}
-        if callback is not None:
-            callback(i, t, x)
-    return x
+def make_optimizer(model, config):
+    """AdamW, fused on CUDA (one kernel for all parameters)."""
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, fused=fused)
+
+
+def make_lr_scheduler(optimizer, config, train_dataloader):
+    """Cosine decay with linear warm-up, counted in optimizer steps (not batches)."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
+    total = steps_per_epoch * config.num_epochs
+    if config.max_train_steps:
+        total = min(total, config.max_train_steps)
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total)
+
+
+def train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_scheduler):
+    """The tutorial's training loop, with one named call for each thing the course adds."""
+    from tqdm.auto import tqdm
+
+    accelerator = make_accelerator(config)  # devices, mixed precision, accumulation, TensorBoard
+    repo_id = start_run(config, accelerator)  # checks output_dir, seeds, creates the Hub repo if asked
+    ema_model = make_ema_model(config, model, accelerator)  # None when use_ema=False
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler
+    )
+    steps_per_epoch, max_steps = count_steps(config, train_dataloader)
+    global_step = resume_run(config, accelerator)  # 0 for a new run
+    log = LossLog(config, accelerator)  # sums the loss on the device, reads it back every logging_steps
+    uploads = []  # background Hub uploads, waited for at the end
+
+    for epoch in range(global_step // steps_per_epoch, config.num_epochs):
+        if global_step >= max_steps:
+            break
+        progress_bar = tqdm(total=steps_per_epoch, initial=global_step % steps_per_epoch,
+                            disable=not accelerator.is_local_main_process, desc=f"Epoch {epoch}")
+        for (uint8_images,) in epoch_batches(config, accelerator, train_dataloader, epoch, global_step):
+            clean_images = augment_batch(uint8_images)  # random flip, scaled to [-1, 1], on the device
+            # Sample noise to add to the images
+            noise = torch.randn_like(clean_images)
+            bs = clean_images.shape[0]
+            # Sample a random timestep for each image
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bs,), device=clean_images.device)
+            # Add noise to the clean images according to the noise magnitude at each timestep
+            # (this is the forward diffusion process)
+            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+
+            with accelerator.accumulate(model):
+                # Predict the noise residual
+                noise_pred = model(noisy_images, timesteps, return_dict=False)[0]
+                loss = F.mse_loss(noise_pred.float(), noise)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:  # clip the summed gradients only
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            log.add(loss, global_step)
+            if not accelerator.sync_gradients:
+                continue  # still accumulating: no optimizer step yet
+            if ema_model is not None:
+                ema_model.step(model.parameters())  # the moving average of the weights
+            global_step += 1
+            progress_bar.update(1)
+            if global_step % config.logging_steps == 0 or global_step == max_steps:
+                log.write(global_step, lr_scheduler.get_last_lr()[0], progress_bar)  # stops on a NaN loss
+            if global_step % config.checkpointing_steps == 0:
+                save_checkpoint(accelerator, config, global_step, log)
+            if global_step >= max_steps:
+                break
+        progress_bar.close()
+
+        # After each epoch, sample a grid with evaluate() and save the pipeline, when scheduled
+        last_epoch = epoch == config.num_epochs - 1 or global_step >= max_steps
+        evaluate_and_save(config, epoch, last_epoch, accelerator, model, ema_model, noise_scheduler, log, repo_id, uploads)
+
+    return finish_run(config, accelerator, repo_id, uploads, global_step, steps_per_epoch, log)
+
+
+def make_accelerator(config):
+    """An Accelerator with the config's precision and accumulation, TensorBoard logs, and one data order on all processes."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    check_config(config)
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+
+
+def start_run(config, accelerator):
+    """Check output_dir on every process (before any work), prepare it, seed, start TensorBoard; returns the Hub repo id or None."""
+    from accelerate.utils import set_seed
+
+    check_output_dir(config)  # every process raises alike, so none is left waiting at a barrier
+    if accelerator.is_main_process:
+        prepare_output_dir(config)
+        os.makedirs(config.output_dir, exist_ok=True)
+        remove_path(os.path.join(config.output_dir, ".tmp-pipeline"))
+    accelerator.wait_for_everyone()
+    set_seed(config.seed, device_specific=True)  # a different noise stream on each process
+    repo_id = start_hub_repo(config) if config.push_to_hub and accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_example")
+    accelerator.print(f"Training on {accelerator.num_processes} process(es), {accelerator.device}, "
+                      f"mixed precision {accelerator.mixed_precision!r}")
+    return repo_id
+
+
+def make_ema_model(config, model, accelerator):
+    """diffusers' EMAModel of the weights, on the training device and saved in checkpoints (None if use_ema=False)."""
+    from diffusers.training_utils import EMAModel
+
+    if not config.use_ema:
+        return None
+    ema_model = EMAModel(
+        model.parameters(),
+        decay=config.ema_max_decay,
+        use_ema_warmup=True,
+        inv_gamma=config.ema_inv_gamma,
+        power=config.ema_power,
+        foreach=True,  # one kernel for all tensors instead of a Python loop
+    )
+    ema_model.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema_model)
+    return ema_model
+
+
+def count_steps(config, train_dataloader):
+    """Optimizer steps per epoch (batches / accumulation) and in the whole run (max_train_steps caps it)."""
+    steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
+    max_steps = steps_per_epoch * config.num_epochs
+    if config.max_train_steps:
+        max_steps = min(max_steps, config.max_train_steps)
+    return steps_per_epoch, max_steps
+
+
+def resume_run(config, accelerator):
+    """Load the checkpoint that resume_from_checkpoint names, if any; returns the step to continue from."""
+    resume_from = find_resume_checkpoint(config)
+    if not resume_from:
+        return 0
+    accelerator.print(f"Resuming from {resume_from}")
+    accelerator.load_state(resume_from)  # model, optimizer, LR schedule, scaler, EMA, random states
+    return int(resume_from.rstrip("/").rsplit("-", 1)[1])
+
+
+def epoch_batches(config, accelerator, train_dataloader, epoch, global_step):
+    """This epoch's batches in its seeded order, skipping those a resumed run has already trained on."""
+    train_dataloader.set_epoch(epoch)
+    steps_per_epoch, _ = count_steps(config, train_dataloader)
+    done = (global_step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
+    return accelerator.skip_first_batches(train_dataloader, done) if done > 0 else train_dataloader
+
+
+class LossLog:
+    """The loss summed on the device, logged every logging_steps, and a stop at the first NaN."""
+
+    def __init__(self, config, accelerator):
+        self.config, self.accelerator = config, accelerator
+        self.loss_sum = torch.zeros((), device=accelerator.device)  # no host sync per step
+        self.first_bad_step = torch.full((), -1, device=accelerator.device, dtype=torch.long)
+        self.batches, self.start = 0, time.perf_counter()
+        self.steady_images, self.steady_seconds = 0, 0.0  # the throughput after the first window
+
+    def add(self, loss, step):
+        """Add one batch's loss, and remember the first step whose loss was not finite."""
+        loss = loss.detach()
+        self.loss_sum += loss
+        bad = (self.first_bad_step < 0) & ~torch.isfinite(loss)
+        self.first_bad_step.copy_(torch.where(bad, step, self.first_bad_step))
+        self.batches += 1
+
+    def write(self, step, lr, progress_bar):
+        """Read the mean loss back (one sync), log it to TensorBoard and the progress bar, and reset."""
+        self.check_finite()
+        elapsed = time.perf_counter() - self.start
+        images = self.batches * self.config.train_batch_size * self.accelerator.num_processes
+        logs = {"loss": (self.loss_sum / self.batches).item(), "lr": lr, "step": step,
+                "images_per_second": images / elapsed}
+        if step > self.config.logging_steps:  # the first window includes the warm-up
+            self.steady_images, self.steady_seconds = self.steady_images + images, self.steady_seconds + elapsed
+        progress_bar.set_postfix(**logs)
+        self.accelerator.log(logs, step=step)
+        self.loss_sum.zero_()
+        self.batches, self.start = 0, time.perf_counter()
+
+    def check_finite(self):
+        """Raise, naming the step, if any process saw a NaN or infinite loss; saved work stays."""
+        bad = int(self.accelerator.gather(self.first_bad_step.reshape(1)).max())
+        if bad >= 0:
+            found = checkpoints_in(self.config.output_dir)
+            kept = f"The last good checkpoint, {found[-1]}, is kept." if found else "No checkpoint had been saved yet."
+            raise FloatingPointError(
+                f"The loss became NaN or infinite at step {bad}. {kept} Lower learning_rate, keep "
+                "max_grad_norm set, or use mixed_precision='bf16'/'no' instead of 'fp16'; then resume "
+                "with resume_from_checkpoint='latest'."
+            )
+
+    def images_per_second(self):
+        """The mean training throughput after the first logging window (None if too short to tell)."""
+        return self.steady_images / self.steady_seconds if self.steady_seconds else None
+
+
+def evaluate_and_save(config, epoch, last_epoch, accelerator, model, ema_model, noise_scheduler, log, repo_id, uploads):
+    """Every save_image_epochs sample a grid, every save_model_epochs save (and upload) the pipeline, with the EMA weights."""
+    from diffusers import DDPMPipeline
+
+    save_images = (epoch + 1) % config.save_image_epochs == 0 or last_epoch
+    save_model = (epoch + 1) % config.save_model_epochs == 0 or last_epoch
+    if not (save_images or save_model):
+        return
+    log.check_finite()  # never save a broken model
+    unet = accelerator.unwrap_model(model)
+    keep_raw = ema_model is not None and save_model and accelerator.is_main_process
+    raw_unet = cpu_copy(unet) if keep_raw else None  # saved as unet_raw beside the EMA pipeline
+    if ema_model is not None:
+        ema_model.store(unet.parameters())
+        ema_model.copy_to(unet.parameters())  # sample and save with the averaged weights
+    if save_images:
+        unet.eval()
+        pipeline = DDPMPipeline(unet=unet, scheduler=make_scheduler(config.eval_sampler, noise_scheduler))
+        pipeline.set_progress_bar_config(disable=True)
+        evaluate(config, epoch, pipeline)
+        unet.train()
+    if save_model and accelerator.is_main_process:
+        pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
+        save_pipeline_atomically(pipeline, config.output_dir, raw_unet, model_card(config, epoch))
+        if repo_id:
+            uploads.append(upload_to_hub(config, repo_id, f"Epoch {epoch}"))
+    if ema_model is not None:
+        ema_model.restore(unet.parameters())
+    accelerator.wait_for_everyone()
 
 
 def evaluate(config, epoch, pipeline):
@@ -443,7 +641,59 @@ def evaluate(config, epoch, pipeline):
     return None
 
 
-# --------------------------------------------------------------------------- sampling and quality (notebook 06)
+def finish_run(config, accelerator, repo_id, uploads, global_step, steps_per_epoch, log):
+    """Close the logs, wait for Hub uploads, and return the run's step count and throughput."""
+    accelerator.end_training()
+    for future in uploads:
+        wait_for_upload(config, repo_id, future)
+    return {"global_step": global_step, "epochs": math.ceil(global_step / steps_per_epoch),
+            "images_per_second": log.images_per_second()}
+
+
+# --------------------------------------------------------------------------- 06 sampling
+
+
+SAMPLERS = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+
+
+def make_scheduler(name, config_or_scheduler):
+    """A diffusers scheduler by short name, sharing the training noise schedule and its clipping of x0."""
+    import diffusers
+
+    if name not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}.")
+    cls = getattr(diffusers, SAMPLERS[name])
+    # DDPM and DDIM clip their estimate of the clean image to [-1, 1] (clip_sample). DPM-Solver++ and
+    # UniPC have no clip_sample; without their equivalent, thresholding to 1.0, an imperfect noise
+    # estimate at t near T (divided by sqrt(alpha_bar_T) = 0.006) blows the sample up. Their dynamic
+    # thresholding bounds its scale s to [1, sample_max_value] = [1, 1]: the same clip to [-1, 1].
+    # Euler has neither and does not clip.
+    extra = dict(thresholding=True, sample_max_value=1.0) if name in ("dpm++", "unipc") else {}
+    if isinstance(config_or_scheduler, TrainingConfig):
+        return cls(num_train_timesteps=config_or_scheduler.num_train_timesteps, **extra)
+    return cls.from_config(config_or_scheduler.config, **extra)
+
+
+@torch.no_grad()
+def sample(unet, scheduler, noise, num_inference_steps, generator=None, callback=None):
+    """Run the reverse process from `noise` with any diffusers scheduler; returns images in [-1, 1]."""
+    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    extra = {"generator": generator} if takes_generator else {}
+    for i, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(x, t)
+        noise_pred = unet(model_input, t).sample  # the model's estimate of the noise in x_t
+        x = scheduler.step(noise_pred, t, x, **extra).prev_sample  # x_t -> x_{t-1}
+        if callback is not None:
+            callback(i, t, x)
+    return x
 
 
 def predict_x0(scheduler, x_t, t, noise_pred):
@@ -452,15 +702,80 @@ def predict_x0(scheduler, x_t, t, noise_pred):
     return (x_t - (1 - alpha_bar).sqrt() * noise_pred) / alpha_bar.sqrt()
 
 
-def generate_images(unet, scheduler, num_images, num_inference_steps, batch_size, seed):
-    """Sample in batches, batch b from the noise of seed + b; returns CPU images in [-1, 1] and seconds per batch."""
+def load_trained_pipeline(output_dir, fallback_id=None):
+    """The DDPMPipeline saved in output_dir, else the Hub pipeline fallback_id, or an error that says what to do."""
+    from diffusers import DDPMPipeline
+
+    if os.path.isfile(os.path.join(output_dir, "model_index.json")):
+        return DDPMPipeline.from_pretrained(output_dir)
+    missing = f"No trained pipeline in output_dir={output_dir!r} (no model_index.json there"
+    missing += "; it holds checkpoints: finish or resume training in 05_training)" if checkpoints_in(output_dir) else ")"
+    if not fallback_id:
+        raise FileNotFoundError(
+            f"{missing}. Train a model in 05_training.ipynb (it saves the pipeline there), set output_dir to "
+            "the folder you trained into, or set pretrained_model to a Hub pipeline such as "
+            "'anton-l/ddpm-butterflies-128' to sample from it instead."
+        )
+    try:
+        return DDPMPipeline.from_pretrained(fallback_id)
+    except Exception as err:  # OSError with no network (or HF_HUB_OFFLINE=1), or for an id the Hub does not have
+        raise RuntimeError(
+            f"{missing}, and the Hub pipeline {fallback_id!r} could not be loaded ({type(err).__name__}: {err})\n"
+            "What to do: train a model in 05_training.ipynb first (it saves the pipeline in output_dir and "
+            f"needs no network), or connect to the internet (with HF_HUB_OFFLINE unset) and run this cell again "
+            f"to download {fallback_id!r} once; if the id is wrong, check it on huggingface.co."
+        ) from err
+
+
+@torch.no_grad()
+def time_unet_pass(unet, batch_size):
+    """Seconds one U-Net forward pass takes on a batch of batch_size images, timed after a warm-up pass."""
     size = unet.config.sample_size
+    x = torch.randn(batch_size, unet.config.in_channels, size, size, device=unet.device, dtype=unet.dtype)
+    timings = []
+    for _ in range(2):  # the first pass also allocates memory and picks kernels: keep the second
+        if unet.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        unet(x, 500)
+        if unet.device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    return timings[-1]
+
+
+def steps_that_fit(seconds_per_pass, budget_seconds, choices=(1000, 500, 250, 100, 50, 20)):
+    """The most steps among choices whose U-Net passes take at most budget_seconds (else the fewest)."""
+    return next((steps for steps in choices if steps * seconds_per_pass <= budget_seconds), choices[-1])
+
+
+def format_seconds(seconds):
+    """A duration for people: '4.2 s', '40 s', '3.5 min', '2.1 h'."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def generate_images(unet, scheduler, num_images, num_inference_steps, batch_size, seed, desc=None):
+    """Sample in batches, batch b from the noise of seed + b; returns CPU images in [-1, 1] and seconds per batch."""
+    from tqdm.auto import tqdm
+
+    size = unet.config.sample_size
+    num_batches = math.ceil(num_images / batch_size)
+    # A bar over every U-Net pass: a widget in Jupyter, hidden where the output is not a terminal.
+    bar = tqdm(total=num_batches * num_inference_steps, desc=desc, unit="step", disable=None)
     batches, start_time = [], time.perf_counter()
     for b, start in enumerate(range(0, num_images, batch_size)):
         generator = torch.Generator().manual_seed(seed + b)  # the same noise for every scheduler
         noise = torch.randn((min(batch_size, num_images - start), 3, size, size), generator=generator)
         noise = noise.to(unet.device, unet.dtype)
-        batches.append(sample(unet, scheduler, noise, num_inference_steps, generator).float().cpu())
+        images = sample(unet, scheduler, noise, num_inference_steps, generator, callback=lambda *_: bar.update())
+        batches.append(images.float().cpu())
+    bar.close()
     seconds = (time.perf_counter() - start_time) * batch_size / num_images
     return torch.cat(batches), seconds
 
@@ -486,6 +801,9 @@ def save_gif(frames, path, seconds_per_frame=0.1, hold_last_seconds=2.0):
     """Write PIL images (to a path or a file object) as a looping animated GIF that pauses on its last frame."""
     durations = [int(seconds_per_frame * 1000)] * (len(frames) - 1) + [int(hold_last_seconds * 1000)]
     frames[0].save(path, format="GIF", save_all=True, append_images=list(frames[1:]), duration=durations, loop=0)
+
+
+# --------------------------------------------------------------------------- 07 quality
 
 
 def check_images(images, name="images"):
@@ -518,6 +836,39 @@ def check_images(images, name="images"):
     return to_uint8(images)
 
 
+def swd(real, fake, patches_per_image=128, patch_size=7, repeats=4, projections=128, min_size=16, seed=0):
+    """Karras et al.'s sliced Wasserstein distance ×1e3, averaged over Laplacian levels, plus each level's."""
+    real, fake = check_images(real, "real"), check_images(fake, "fake")
+    if real.shape != fake.shape:
+        raise ValueError(
+            f"SWD compares sets of the same size and resolution: got real {tuple(real.shape)} and "
+            f"fake {tuple(fake.shape)}; pass the same number of images of the same size."
+        )
+    if min(real.shape[-2:]) < min_size:
+        raise ValueError(f"SWD needs images of at least {min_size}×{min_size} pixels, got {tuple(real.shape[-2:])}.")
+    pyramids = laplacian_pyramid(real.float(), min_size), laplacian_pyramid(fake.float(), min_size)
+    directions = torch.Generator().manual_seed(seed)  # the same random directions for both sets
+    scores = {}
+    for level_real, level_fake in zip(*pyramids):
+        descriptors = []
+        for level in (level_real, level_fake):
+            positions = torch.Generator().manual_seed(seed)  # the same patch positions in both sets
+            descriptors.append(normalize_descriptors(random_patches(level, patches_per_image, patch_size, positions)))
+        distance = sliced_wasserstein(*descriptors, repeats, projections, directions)
+        scores[f"swd_{level_real.shape[-1]}px"] = 1e3 * distance  # reported ×1000, as in the paper
+    return {"swd": sum(scores.values()) / len(scores), **scores}
+
+
+def laplacian_pyramid(images, min_size=16):
+    """Band-pass levels (each level minus its blurred self) down to the last size >= min_size, which keeps the rest."""
+    levels = [images]
+    while min(levels[-1].shape[-2:]) // 2 >= min_size:
+        smaller = pyr_down(levels[-1])
+        levels[-1] = levels[-1] - pyr_up(smaller, levels[-1].shape[-2:])
+        levels.append(smaller)
+    return levels
+
+
 def blur_5x5(images):
     """Blur each channel with the 5×5 binomial filter of cv2.pyrDown, mirroring the edges."""
     taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=images.dtype, device=images.device)
@@ -535,16 +886,6 @@ def pyr_up(images, size):
     up = images.new_zeros(*images.shape[:2], 2 * images.shape[2], 2 * images.shape[3])
     up[:, :, ::2, ::2] = images
     return 4 * blur_5x5(up[:, :, : size[0], : size[1]])
-
-
-def laplacian_pyramid(images, min_size=16):
-    """Band-pass levels (each level minus its blurred self) down to the last size >= min_size, which keeps the rest."""
-    levels = [images]
-    while min(levels[-1].shape[-2:]) // 2 >= min_size:
-        smaller = pyr_down(levels[-1])
-        levels[-1] = levels[-1] - pyr_up(smaller, levels[-1].shape[-2:])
-        levels.append(smaller)
-    return levels
 
 
 def random_patches(images, patches_per_image, patch_size, generator):
@@ -578,29 +919,6 @@ def sliced_wasserstein(a, b, repeats, projections, generator):
         projected_b = (b @ directions).sort(dim=0).values
         results.append((projected_a - projected_b).abs().mean())
     return torch.stack(results).mean().item()
-
-
-def swd(real, fake, patches_per_image=128, patch_size=7, repeats=4, projections=128, min_size=16, seed=0):
-    """Karras et al.'s sliced Wasserstein distance ×1e3, averaged over Laplacian levels, plus each level's."""
-    real, fake = check_images(real, "real"), check_images(fake, "fake")
-    if real.shape != fake.shape:
-        raise ValueError(
-            f"SWD compares sets of the same size and resolution: got real {tuple(real.shape)} and "
-            f"fake {tuple(fake.shape)}; pass the same number of images of the same size."
-        )
-    if min(real.shape[-2:]) < min_size:
-        raise ValueError(f"SWD needs images of at least {min_size}×{min_size} pixels, got {tuple(real.shape[-2:])}.")
-    pyramids = laplacian_pyramid(real.float(), min_size), laplacian_pyramid(fake.float(), min_size)
-    directions = torch.Generator().manual_seed(seed)  # the same random directions for both sets
-    scores = {}
-    for level_real, level_fake in zip(*pyramids):
-        descriptors = []
-        for level in (level_real, level_fake):
-            positions = torch.Generator().manual_seed(seed)  # the same patch positions in both sets
-            descriptors.append(normalize_descriptors(random_patches(level, patches_per_image, patch_size, positions)))
-        distance = sliced_wasserstein(*descriptors, repeats, projections, directions)
-        scores[f"swd_{level_real.shape[-1]}px"] = 1e3 * distance  # reported ×1000, as in the paper
-    return {"swd": sum(scores.values()) / len(scores), **scores}
 
 
 def make_inception(weights_path=None):
@@ -674,7 +992,71 @@ def quality_metrics(real, fake, fid_kid=None):
     return scores
 
 
-# --------------------------------------------------------------------------- saving
+# --------------------------------------------------------------------------- infrastructure: showing code, reading data
+
+
+def show_source(obj):
+    """Show a helper's source, highlighted, so the notebook shows the code that runs."""
+    from IPython.display import Code, display
+
+    display(Code(inspect.getsource(obj), language="python"))
+
+
+def is_local_path(name):
+    """A dataset_name is a local folder if it exists or looks like a path rather than a Hub id."""
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def hub_error_message(dataset_name, err):
+    """Say whether a Hub dataset does not exist or the Hub cannot be reached, and what to do."""
+    from datasets.exceptions import DatasetNotFoundError
+
+    text = f"{type(err).__name__}: {err}"
+    local = (
+        f"(It was read as a Hub id because there is no folder {dataset_name!r} in {os.getcwd()!r}.) "
+        "To train on your own images, or with no network, set dataset_name to a local folder of "
+        "images, e.g. TrainingConfig(dataset_name='path/to/my_images')."
+    )
+    searched = text.replace(dataset_name, "")  # a name like 'me/network-images' must not look offline
+    offline = not isinstance(err, DatasetNotFoundError) and (
+        isinstance(err, (ConnectionError, TimeoutError))
+        or re.search(r"offline|connect|resolve|timed out|network|unreachable|reach|local cache|not cached",
+                     searched, re.I)
+    )
+    if offline:
+        return (
+            f"Could not reach the Hugging Face Hub to load {dataset_name!r} (no network, or "
+            f"HF_HUB_OFFLINE is set). {local}\n(original error: {text})"
+        )
+    if isinstance(err, FileNotFoundError) or re.search(r"doesn't exist|not found|cannot be accessed|gated", searched, re.I):
+        return (
+            f"The Hub has no dataset {dataset_name!r} (or it is private or gated and you are not "
+            f"logged in): check the id on huggingface.co/datasets. {local}\n(original error: {text})"
+        )
+    return (
+        f"Loading the Hub dataset {dataset_name!r} failed: {text}. Check on its page on "
+        f"huggingface.co/datasets that it has a 'train' split with an image column. {local}"
+    )
+
+
+def open_image(record):
+    """Open one undecoded `datasets` Image record ({'bytes', 'path'}) with PIL."""
+    if record.get("bytes"):
+        return Image.open(io.BytesIO(record["bytes"]))
+    return Image.open(record["path"])
+
+
+def find_image_column(dataset):
+    """The name of the dataset's image column ('image' in the butterflies and in imagefolder)."""
+    from datasets import Image as ImageFeature
+
+    for name, feature in dataset.features.items():
+        if isinstance(feature, ImageFeature):
+            return name
+    raise ValueError(f"The dataset has no image column; its columns are {list(dataset.features)}.")
+
+
+# --------------------------------------------------------------------------- infrastructure: output_dir, checkpoints, saving
 
 
 def checkpoints_in(output_dir):
@@ -745,23 +1127,10 @@ def cpu_copy(model):
     return copy
 
 
-def save_pipeline_atomically(pipeline, output_dir, raw_unet=None):
-    """Save into a temporary folder, then move each file into place: a kill never leaves half a file."""
-    tmp = os.path.join(output_dir, ".tmp-pipeline")
-    remove_path(tmp)
-    pipeline.save_pretrained(tmp)
-    if raw_unet is not None:  # the weights before EMA averaging, for comparing the two (notebook 06)
-        raw_unet.save_pretrained(os.path.join(tmp, "unet_raw"))
-    for source in sorted(Path(tmp).rglob("*")):
-        if source.is_file():
-            target = Path(output_dir) / source.relative_to(tmp)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)  # atomic per file; the configs never change between saves
-    remove_path(tmp)
-
-
-def save_checkpoint(accelerator, output_dir, global_step, total_limit):
+def save_checkpoint(accelerator, config, global_step, log):
     """accelerator.save_state into checkpoint-<step>.tmp, renamed when complete; prune old ones."""
+    log.check_finite()  # never checkpoint a broken model
+    output_dir, total_limit = config.output_dir, config.checkpoints_total_limit
     final = os.path.join(output_dir, f"checkpoint-{global_step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:
@@ -779,209 +1148,62 @@ def save_checkpoint(accelerator, output_dir, global_step, total_limit):
     return final
 
 
-# --------------------------------------------------------------------------- training
+def save_pipeline_atomically(pipeline, output_dir, raw_unet=None, card=None):
+    """Save into a temporary folder, then move each file into place: a kill never leaves half a file."""
+    tmp = os.path.join(output_dir, ".tmp-pipeline")
+    remove_path(tmp)
+    pipeline.save_pretrained(tmp)
+    if raw_unet is not None:  # the weights before EMA averaging, for comparing the two (notebook 07)
+        raw_unet.save_pretrained(os.path.join(tmp, "unet_raw"))
+    if card is not None:  # README.md: the model card the Hub shows
+        card.save(os.path.join(tmp, "README.md"))
+    for source in sorted(Path(tmp).rglob("*")):
+        if source.is_file():
+            target = Path(output_dir) / source.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)  # atomic per file; the configs never change between saves
+    remove_path(tmp)
 
 
-def make_optimizer(model, config):
-    """AdamW, fused on CUDA (one kernel for all parameters)."""
-    fused = torch.cuda.is_available()
-    return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, fused=fused)
+def model_card(config, epoch):
+    """The Hub page of a saved pipeline: what it was trained on and how, its last sample grid, how to load it."""
+    from huggingface_hub import ModelCard, ModelCardData
 
+    repo = config.hub_model_id or Path(config.output_dir).name
+    local = is_local_path(config.dataset_name)
+    data_name = f"a local folder of images (`{Path(config.dataset_name).name}`)" if local else f"`{config.dataset_name}`"
+    grids = sorted(glob.glob(os.path.join(config.output_dir, "samples", "*.png")))
+    shown = f"![The last sample grid](samples/{os.path.basename(grids[-1])})\n\n" if grids else ""
+    data = ModelCardData(library_name="diffusers", pipeline_tag="unconditional-image-generation",
+                         tags=["diffusers", "unconditional-image-generation", "diffusion-models-course"])
+    return ModelCard(f"""---
+{data.to_yaml()}
+---
 
-def make_lr_scheduler(optimizer, config, train_dataloader):
-    """Cosine decay with linear warm-up, counted in optimizer steps (not batches)."""
-    from diffusers.optimization import get_cosine_schedule_with_warmup
+# {repo}
 
-    steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
-    total = steps_per_epoch * config.num_epochs
-    if config.max_train_steps:
-        total = min(total, config.max_train_steps)
-    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total)
+An unconditional diffusion model (`UNet2DModel`, DDPM noise schedule with T = {config.num_train_timesteps})
+trained from scratch to draw {config.image_size}×{config.image_size} images like those of {data_name}.
 
+{shown}## How it was trained
 
-def train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_scheduler):
-    """The tutorial's training loop, made fast, resumable and safe on several processes."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers import DDPMPipeline
-    from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
+| setting | value |
+|---|---|
+| data | {data_name}, resized by the shorter side and centre-cropped to {config.image_size} px, random flips |
+| U-Net | `block_out_channels={config.block_out_channels}`, `layers_per_block={config.layers_per_block}` |
+| training | {epoch + 1} epochs of {config.num_epochs}, batch {config.train_batch_size} per process × {config.gradient_accumulation_steps} accumulation, AdamW at {config.learning_rate:g} with {config.lr_warmup_steps} warm-up steps and cosine decay, mixed precision `{resolve_mixed_precision(config.mixed_precision)}` |
+| weights | {"an exponential moving average of the weights (`unet/`); the raw weights are in `unet_raw/`" if config.use_ema else "the raw weights"} |
 
-    check_config(config)
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(config.mixed_precision),
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(
-            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),  # one order on all processes, resumable
-    )
-    resume_from = find_resume_checkpoint(config)  # raises before any work if a named one is missing
-    check_output_dir(config)  # every process raises alike, so none is left waiting at a barrier
-    if accelerator.is_main_process:
-        prepare_output_dir(config)
-        os.makedirs(config.output_dir, exist_ok=True)
-        remove_path(os.path.join(config.output_dir, ".tmp-pipeline"))
-    accelerator.wait_for_everyone()
-    set_seed(config.seed, device_specific=True)  # a different noise stream on each process
-    repo_id = start_hub_repo(config) if config.push_to_hub and accelerator.is_main_process else None
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_example")
+## How to use it
 
-    ema_model = None
-    if config.use_ema:
-        ema_model = EMAModel(
-            model.parameters(),
-            decay=config.ema_max_decay,
-            use_ema_warmup=True,
-            inv_gamma=config.ema_inv_gamma,
-            power=config.ema_power,
-            foreach=True,
-        )
-        ema_model.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema_model)
+```python
+import torch
+from diffusers import DDPMPipeline
 
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler
-    )
-    steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
-    max_steps = steps_per_epoch * config.num_epochs
-    if config.max_train_steps:
-        max_steps = min(max_steps, config.max_train_steps)
-
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    if resume_from:
-        accelerator.print(f"Resuming from {resume_from}")
-        accelerator.load_state(resume_from)
-        global_step = int(resume_from.rstrip("/").rsplit("-", 1)[1])
-        first_epoch = global_step // steps_per_epoch
-        skip_batches = (global_step % steps_per_epoch) * config.gradient_accumulation_steps
-
-    eval_scheduler = make_scheduler(config.eval_sampler, noise_scheduler)
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    loss_sum = torch.zeros((), device=accelerator.device)  # summed on the device: no sync per step
-    first_bad_step = torch.full((), -1, device=accelerator.device, dtype=torch.long)
-    window, window_start, images_seen = 0, time.perf_counter(), 0
-    throughput, steady_images, steady_seconds = None, 0, 0.0  # the mean rate after the first window
-    last_checkpoint = checkpoints_in(config.output_dir)[-1] if checkpoints_in(config.output_dir) else None
-    uploads = []  # background Hub uploads, waited for at the end
-
-    def check_finite():
-        """Stop with the step at which the loss first became NaN or infinite, keeping saved work."""
-        bad = int(accelerator.gather(first_bad_step.reshape(1)).max())
-        if bad >= 0:
-            kept = f"The last good checkpoint, {last_checkpoint}, is kept." if last_checkpoint else "No checkpoint had been saved yet."
-            raise FloatingPointError(
-                f"The loss became NaN or infinite at step {bad}. {kept} Lower learning_rate, keep "
-                "max_grad_norm set, or use mixed_precision='bf16'/'no' instead of 'fp16'; then resume "
-                "with resume_from_checkpoint='latest'."
-            )
-
-    for epoch in range(first_epoch, config.num_epochs):
-        if global_step >= max_steps:
-            break
-        train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
-        progress_bar = tqdm(total=steps_per_epoch, initial=global_step - epoch * steps_per_epoch,
-                            disable=not accelerator.is_local_main_process)
-        progress_bar.set_description(f"Epoch {epoch}")
-
-        for batch in batches:
-            (uint8_images,) = batch
-            clean_images = augment_batch(uint8_images)  # flip and scale on the device
-            # Sample noise to add to the images
-            noise = torch.randn_like(clean_images)
-            bs = clean_images.shape[0]
-            # Sample a random timestep for each image
-            timesteps = torch.randint(0, num_train_timesteps, (bs,), device=clean_images.device)
-            # Add noise to the clean images according to the noise magnitude at each timestep
-            # (this is the forward diffusion process)
-            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
-
-            with accelerator.accumulate(model):
-                # Predict the noise residual
-                noise_pred = model(noisy_images, timesteps, return_dict=False)[0]
-                loss = F.mse_loss(noise_pred.float(), noise)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:  # clip only the summed gradients (diffusers #8961)
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            loss = loss.detach()
-            loss_sum += loss
-            first_bad_step.copy_(torch.where((first_bad_step < 0) & ~torch.isfinite(loss), global_step, first_bad_step))
-            images_seen += bs * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            if ema_model is not None:
-                ema_model.step(model.parameters())
-            progress_bar.update(1)
-            global_step += 1
-            window += 1
-
-            if global_step % config.logging_steps == 0 or global_step == max_steps:
-                check_finite()
-                elapsed = time.perf_counter() - window_start
-                logs = {
-                    "loss": (loss_sum / (window * config.gradient_accumulation_steps)).item(),
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "step": global_step,
-                    "images_per_second": images_seen / elapsed,
-                }
-                if global_step > config.logging_steps:  # the first window includes warm-up
-                    steady_images, steady_seconds = steady_images + images_seen, steady_seconds + elapsed
-                    throughput = steady_images / steady_seconds
-                progress_bar.set_postfix(**logs)
-                accelerator.log(logs, step=global_step)
-                loss_sum.zero_()
-                window, window_start, images_seen = 0, time.perf_counter(), 0
-
-            if global_step % config.checkpointing_steps == 0:
-                check_finite()
-                last_checkpoint = save_checkpoint(
-                    accelerator, config.output_dir, global_step, config.checkpoints_total_limit
-                )
-            if global_step >= max_steps:
-                break
-        progress_bar.close()
-
-        # After each epoch optionally sample a grid with evaluate() and save the pipeline.
-        last_epoch = epoch == config.num_epochs - 1 or global_step >= max_steps
-        save_images = (epoch + 1) % config.save_image_epochs == 0 or last_epoch
-        save_model = (epoch + 1) % config.save_model_epochs == 0 or last_epoch
-        if save_images or save_model:
-            check_finite()
-            unet = accelerator.unwrap_model(model)
-            keep_raw = ema_model is not None and save_model and accelerator.is_main_process
-            raw_unet = cpu_copy(unet) if keep_raw else None  # saved as unet_raw beside the EMA pipeline
-            if ema_model is not None:
-                ema_model.store(unet.parameters())
-                ema_model.copy_to(unet.parameters())  # sample and save with the averaged weights
-            if save_images:
-                unet.eval()
-                pipeline = DDPMPipeline(unet=unet, scheduler=eval_scheduler)
-                pipeline.set_progress_bar_config(disable=True)
-                evaluate(config, epoch, pipeline)
-                unet.train()
-            if save_model and accelerator.is_main_process:
-                pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-                save_pipeline_atomically(pipeline, config.output_dir, raw_unet)
-                if repo_id:
-                    uploads.append(upload_to_hub(config, repo_id, f"Epoch {epoch}"))
-            if ema_model is not None:
-                ema_model.restore(unet.parameters())
-            accelerator.wait_for_everyone()
-
-    accelerator.end_training()
-    for future in uploads:
-        wait_for_upload(config, repo_id, future)
-    return {"global_step": global_step, "epochs": math.ceil(global_step / steps_per_epoch),
-            "images_per_second": throughput}
+pipeline = DDPMPipeline.from_pretrained("{repo}")
+images = pipeline(batch_size=16, generator=torch.Generator().manual_seed(0)).images  # 1000 DDPM steps
+```
+""")
 
 
 def read_logged_scalars(output_dir, tag="loss"):
@@ -996,6 +1218,9 @@ def read_logged_scalars(output_dir, tag="loss"):
             points.update({event.step: event.value for event in accumulator.Scalars(tag)})
     steps = sorted(points)
     return steps, [points[step] for step in steps]
+
+
+# --------------------------------------------------------------------------- infrastructure: the Hub
 
 
 def start_hub_repo(config):
@@ -1043,22 +1268,7 @@ def wait_for_upload(config, repo_id, future):
         )
 
 
-# --------------------------------------------------------------------------- one call, and the command line
-
-
-def build_training(config, images):
-    """The tutorial's train_loop arguments: config, model, noise scheduler, optimizer, DataLoader, LR schedule."""
-    from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
-
-    check_config(config)
-    set_seed(config.seed)  # the same initial weights on every process and every run
-    model = make_model(config)
-    noise_scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps)
-    train_dataloader = make_dataloader(images, config)
-    optimizer = make_optimizer(model, config)
-    lr_scheduler = make_lr_scheduler(optimizer, config, train_dataloader)
-    return config, model, noise_scheduler, optimizer, train_dataloader, lr_scheduler
+# --------------------------------------------------------------------------- the command line: accelerate launch helpers.py --image_size 64 ...
 
 
 def parse_config(argv=None):

@@ -45,6 +45,9 @@ def test_train_loop_saves_a_loadable_pipeline_grids_and_logs(tmp_path, image_fol
     assert [os.path.basename(p) for p in helpers.checkpoints_in(out)] == ["checkpoint-8", "checkpoint-12"]
     assert not glob.glob(os.path.join(out, "*.tmp")) and not os.path.exists(os.path.join(out, ".tmp-pipeline"))
     assert logged_steps(out) == [2, 4, 6, 8, 10, 12]
+    card = open(os.path.join(out, "README.md")).read()  # the model card, saved with the pipeline
+    assert "unconditional-image-generation" in card and "2 epochs of 2" in card and "(32, 64)" in card
+    assert 'DDPMPipeline.from_pretrained("run")' in card and "![The last sample grid](samples/0001.png)" in card
     pipeline = DDPMPipeline.from_pretrained(out)
     pipeline.set_progress_bar_config(disable=True)
     image = pipeline(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
@@ -195,3 +198,27 @@ def test_push_to_hub_creates_the_repo_as_asked_and_uploads_after_saving(tmp_path
     assert [c[0] for c in calls[1:]] == ["upload", "upload"]  # after each save (every epoch here)
     assert all(c[2] and "checkpoint-*" in c[3] and c[4] for c in calls[1:])  # saved first, no checkpoints, background
     assert any("Upload to 'run' failed" in str(w.message) and "saved locally" in str(w.message) for w in caught)
+
+
+def test_presets_give_the_tutorial_run_or_a_small_one_and_explicit_values_win():
+    tutorial, quick = helpers.preset_config("tutorial"), helpers.preset_config("quick", num_epochs=None)
+    assert tutorial == helpers.TrainingConfig()
+    assert quick.image_size == 32 and quick.block_out_channels == (32, 64, 128)
+    assert quick.up_block_types == ("UpBlock2D",) * 3  # mirrored from the preset's down blocks
+    assert helpers.preset_config("quick", image_size=64, block_out_channels=[32, 64]).block_out_channels == (32, 64)
+    assert helpers.preset_config("quick", image_size=64).image_size == 64
+    with pytest.raises(ValueError, match="preset='fast': use one of 'tutorial', 'quick'"):
+        helpers.preset_config("fast")
+
+
+def test_sampling_without_a_trained_model_says_what_to_do_and_offline_names_the_hub_fallback(tmp_path, image_folder):
+    empty = str(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="Train a model in 05_training.ipynb"):
+        helpers.load_trained_pipeline(empty)
+    with pytest.raises(RuntimeError, match=r"(?s)could not be loaded.*connect to the internet") as error:
+        helpers.load_trained_pipeline(empty, fallback_id="anton-l/ddpm-butterflies-128")  # HF_HUB_OFFLINE=1 here
+    assert "train a model in 05_training.ipynb first" in str(error.value)
+    config = tiny_config(tmp_path / "run", num_epochs=1)
+    train(config, image_folder)
+    pipeline = helpers.load_trained_pipeline(config.output_dir, fallback_id="anton-l/ddpm-butterflies-128")
+    assert pipeline.unet.config.sample_size == 32  # the local model wins over the Hub's

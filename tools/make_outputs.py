@@ -1,0 +1,132 @@
+"""Regenerate the committed notebooks' outputs, and the figures in images/, from one real run.
+
+    python tools/make_outputs.py --data path/to/butterfly/images
+
+Runs every notebook with papermill in the course's order of dependence (05 trains the model that 06 and
+07 sample from), with the photographs as a local folder: 01-04 at their full-size defaults, 05 with the
+quick preset (or --preset tutorial on a GPU), 06 and 07 on the model 05 saved. Each executed notebook is
+then cleaned (papermill's injected cell and metadata, widget state and progress-bar widgets removed, so the
+parameters cell keeps its defaults), given a note at its top naming the run, and written over
+notebooks/NN_*.ipynb. Training outputs go to runs/ (ignored by git).
+"""
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import papermill
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ORDER = ["05", "06", "07", "01", "02", "03", "04"]  # 06 and 07 need 05's model; 01 shows 05's grid
+WIDGET = "application/vnd.jupyter.widget-view+json"
+NOTE_TAG = "run-note"
+MAX_BYTES = 2_000_000
+
+
+def hardware(short=False):
+    """The GPU's name, or the CPU's core count and model."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"one {torch.cuda.get_device_name(0)} GPU"
+    if short:
+        return f"{os.cpu_count()}-core CPU, no GPU"
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"a {os.cpu_count()}-core CPU ({model}), no GPU"
+
+
+def versions():
+    """torch, diffusers and accelerate versions, as one string."""
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in ("torch", "diffusers", "accelerate"))
+
+
+def parameters_for(number, args, model_dir, label):
+    """The papermill parameters of one notebook: only what differs from its committed defaults."""
+    data = os.path.abspath(args.data)
+    common = {"dataset_name": data, "figures_dir": "../images", "figure_label": label}
+    if number == "05":
+        return {**common, "preset": args.preset, "output_dir": model_dir, "overwrite_output_dir": True}
+    if number in ("06", "07"):
+        return {**common, "output_dir": model_dir}
+    return common
+
+
+def clean(path, note):
+    """Strip papermill's and the widgets' traces from an executed notebook and put the run note on top."""
+    nb = json.load(open(path))
+    cells = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])
+             and NOTE_TAG not in c.get("metadata", {}).get("tags", [])]
+    for cell in cells:
+        cell.get("metadata", {}).pop("papermill", None)
+        cell.get("metadata", {}).pop("execution", None)
+        if cell["cell_type"] == "code":
+            cell["outputs"] = [o for o in cell["outputs"] if WIDGET not in o.get("data", {})]
+            for output in cell["outputs"]:  # highlighted source: GitHub and Jupyter show the HTML
+                if "text/html" in output.get("data", {}):
+                    output["data"].pop("text/latex", None)
+            errors = [o for o in cell["outputs"] if o.get("output_type") == "error"]
+            if errors:
+                raise RuntimeError(f"{path}: a cell failed: {errors[0].get('ename')}: {errors[0].get('evalue')}")
+    for key in ("papermill", "widgets"):
+        nb["metadata"].pop(key, None)
+    note_cell = {"cell_type": "markdown", "id": "run-note", "metadata": {"tags": [NOTE_TAG]}, "source": note}
+    nb["cells"] = cells[:1] + [note_cell] + cells[1:]
+    return nb
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a local folder of butterfly photographs")
+    parser.add_argument("--data-label", default=None, help="how the note names the data (default: the folder's name)")
+    parser.add_argument("--figure-label", default=None, help="names the data on the saved figures (default: the folder's name)")
+    parser.add_argument("--preset", default="quick", help="05's preset: quick (a CPU) or tutorial (a GPU)")
+    parser.add_argument("--only", nargs="*", default=None, help="notebook numbers to run, e.g. 01 02 (default: all)")
+    args = parser.parse_args()
+
+    model_dir = os.path.join(ROOT, "runs", f"ddpm-butterflies-{args.preset}")
+    out_dir = os.path.join(ROOT, "runs", "executed")
+    os.makedirs(out_dir, exist_ok=True)
+    count = len(glob.glob(os.path.join(args.data, "**", "*.*"), recursive=True))
+    data_label = args.data_label or f"the {count} images of a local folder `{os.path.basename(os.path.normpath(args.data))}`"
+    when = datetime.date.today().isoformat()
+    for number in args.only or ORDER:
+        source = glob.glob(os.path.join(ROOT, "notebooks", f"{number}_*.ipynb"))[0]
+        output = os.path.join(out_dir, os.path.basename(source))
+        label = f"{args.figure_label or os.path.basename(os.path.normpath(args.data))}; {hardware(short=True)}; {when}; {versions()}"
+        declared = papermill.inspect_notebook(source)
+        params = {k: v for k, v in parameters_for(number, args, model_dir, label).items() if k in declared}
+        command = [sys.executable, "-m", "papermill", "-k", "python3", "--cwd", os.path.join(ROOT, "notebooks"),
+                   "--no-progress-bar", source, output]
+        for name, value in params.items():
+            command += ["-p", name, str(value)]
+        print(f"{os.path.basename(source)}: running", flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
+        changed = ", ".join(f"`{k}={os.path.relpath(v, ROOT) if isinstance(v, str) and os.path.isabs(v) else v!r}`"
+                            for k, v in params.items() if k not in ("figures_dir", "figure_label"))
+        note = (f"> **The outputs on this page** come from a real run on {when}: {data_label}, on {hardware()}, "
+                f"with {versions()}. The parameters cell shows the defaults; this run changed {changed}. "
+                "Regenerate with `python tools/make_outputs.py --data <folder>`.")
+        nb = clean(output, note)
+        target = source
+        with open(target, "w") as f:
+            json.dump(nb, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        size = os.path.getsize(target)
+        print(f"{os.path.basename(target)}: {size / 1e6:.2f} MB", flush=True)
+        if size > MAX_BYTES:
+            raise SystemExit(f"{target} is {size / 1e6:.1f} MB, over {MAX_BYTES / 1e6:.0f} MB: lower the figures' dpi.")
+
+
+if __name__ == "__main__":
+    main()
