@@ -134,7 +134,11 @@ def preset_config(preset="tutorial", **values):
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: use one of {', '.join(map(repr, PRESETS))}.")
     given = {name: value for name, value in values.items() if value is not None}
-    return TrainingConfig(**{**PRESETS[preset], **given})
+    chosen = dict(PRESETS[preset])
+    if "block_out_channels" in given:  # the preset's block types fit its own levels: derive them for the new ones
+        chosen.pop("down_block_types", None)
+        chosen.pop("up_block_types", None)
+    return TrainingConfig(**{**chosen, **given})
 
 
 def default_down_block_types(num_levels):
@@ -357,9 +361,8 @@ def build_training(config, images):
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
 
-    check_config(config)
     set_seed(config.seed)  # the same initial weights on every process and every run
-    model = make_model(config)
+    model = make_model(config)  # checks the config first
     noise_scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps)
     train_dataloader = make_dataloader(images, config)
     optimizer = make_optimizer(model, config)
@@ -377,11 +380,8 @@ def make_lr_scheduler(optimizer, config, train_dataloader):
     """Cosine decay with linear warm-up, counted in optimizer steps (not batches)."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
-    steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
-    total = steps_per_epoch * config.num_epochs
-    if config.max_train_steps:
-        total = min(total, config.max_train_steps)
-    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total)
+    _, total_steps = count_steps(config, train_dataloader)
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps)
 
 
 def train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_scheduler):
@@ -484,8 +484,8 @@ def start_run(config, accelerator):
     return repo_id
 
 
-def make_ema_model(config, model, accelerator):
-    """diffusers' EMAModel of the weights, on the training device and saved in checkpoints (None if use_ema=False)."""
+def make_ema_model(config, model, accelerator=None):
+    """diffusers' EMAModel of the weights, on the accelerator's device and in its checkpoints (None if use_ema=False)."""
     from diffusers.training_utils import EMAModel
 
     if not config.use_ema:
@@ -498,8 +498,9 @@ def make_ema_model(config, model, accelerator):
         power=config.ema_power,
         foreach=True,  # one kernel for all tensors instead of a Python loop
     )
-    ema_model.to(accelerator.device)
-    accelerator.register_for_checkpointing(ema_model)
+    if accelerator is not None:  # None: only to read its decay schedule (notebook 05)
+        ema_model.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema_model)
     return ema_model
 
 
@@ -630,15 +631,20 @@ def evaluate(config, epoch, pipeline):
             ).images
     images = gather_object(images) if state.num_processes > 1 else images
     if state.is_main_process:
-        rows = int(math.sqrt(len(images)))
-        while len(images) % rows:
-            rows -= 1
-        grid = make_image_grid(images, rows=rows, cols=len(images) // rows)
+        grid = make_image_grid(images, *grid_shape(len(images)))
         test_dir = os.path.join(config.output_dir, "samples")
         os.makedirs(test_dir, exist_ok=True)
         grid.save(f"{test_dir}/{epoch:04d}.png")
         return grid
     return None
+
+
+def grid_shape(num_images):
+    """(rows, columns) of the most nearly square grid that holds exactly num_images images."""
+    rows = int(math.sqrt(num_images))
+    while num_images % rows:
+        rows -= 1
+    return rows, num_images // rows
 
 
 def finish_run(config, accelerator, repo_id, uploads, global_step, steps_per_epoch, log):
@@ -791,10 +797,7 @@ def make_grid(images):
 
     if images.dtype == torch.uint8:
         images = images.float() / 127.5 - 1
-    rows = int(math.sqrt(len(images)))
-    while len(images) % rows:
-        rows -= 1
-    return make_image_grid(to_pil_images(images), rows=rows, cols=len(images) // rows)
+    return make_image_grid(to_pil_images(images), *grid_shape(len(images)))
 
 
 def save_gif(frames, path, seconds_per_frame=0.1, hold_last_seconds=2.0):

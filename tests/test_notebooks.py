@@ -1,6 +1,7 @@
 """Every notebook, executed in order by papermill at reduced size, then its checked cells re-run by nbval."""
 
 import glob
+import inspect
 import json
 import os
 import re
@@ -97,6 +98,23 @@ def test_committed_notebook_shows_a_clean_real_run(name):
     assert not [o for o in outputs if o.get("name") == "stderr" and "IProgress not found" in "".join(o["text"])]
     note = "".join(cells[1]["source"]) if cells[1]["cell_type"] == "markdown" else ""
     assert "outputs on this page" in note and "real run on 20" in note, "the run that made the outputs is named"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebook_shows_the_source_that_runs(name):
+    """Every show_source(f) output committed on the page is f's source in helpers.py now."""
+    import helpers
+
+    shown = 0
+    for cell in json.load(open(os.path.join(ROOT, "notebooks", name)))["cells"]:
+        names = re.findall(r"^show_source\((\w+)\)", "".join(cell["source"]), re.M) if cell["cell_type"] == "code" else []
+        listings = ["".join(o["data"]["text/plain"]) for o in cell.get("outputs", []) if "text/html" in o.get("data", {})]
+        assert len(listings) >= len(names), f"{name}: a show_source output is missing"
+        for function, listing in zip(names, listings):
+            assert listing.strip() == inspect.getsource(getattr(helpers, function)).strip(), (
+                f"{name} shows an old {function}: regenerate it (tools/make_outputs.py --only {name[:2]})")
+            shown += 1
+    assert shown or name == "04_scheduler.ipynb", f"{name} shows no helper's source"
 
 
 @pytest.mark.parametrize("name", RUN)

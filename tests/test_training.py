@@ -205,7 +205,10 @@ def test_presets_give_the_tutorial_run_or_a_small_one_and_explicit_values_win():
     assert tutorial == helpers.TrainingConfig()
     assert quick.image_size == 32 and quick.block_out_channels == (32, 64, 128)
     assert quick.up_block_types == ("UpBlock2D",) * 3  # mirrored from the preset's down blocks
-    assert helpers.preset_config("quick", image_size=64, block_out_channels=[32, 64]).block_out_channels == (32, 64)
+    fewer_levels = helpers.preset_config("quick", image_size=64, block_out_channels=[32, 64])
+    assert fewer_levels.block_out_channels == (32, 64)
+    assert len(fewer_levels.down_block_types) == len(fewer_levels.up_block_types) == 2  # derived for the new levels
+    helpers.check_config(fewer_levels)  # the preset's three block types are not kept for two levels
     assert helpers.preset_config("quick", image_size=64).image_size == 64
     with pytest.raises(ValueError, match="preset='fast': use one of 'tutorial', 'quick'"):
         helpers.preset_config("fast")
