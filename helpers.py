@@ -995,7 +995,7 @@ def quality_metrics(real, fake, fid_kid=None):
     return scores
 
 
-# --------------------------------------------------------------------------- infrastructure: showing code, reading data
+# --------------------------------------------------------------------------- infrastructure: showing code and figures, reading data
 
 
 def show_source(obj):
@@ -1003,6 +1003,15 @@ def show_source(obj):
     from IPython.display import Code, display
 
     display(Code(inspect.getsource(obj), language="python"))
+
+
+def save_figure(fig, figures_dir, name, label=""):
+    """Put label under fig as a grey footer and, when figures_dir is set, save fig there as <name>.png."""
+    if label:
+        fig.supxlabel(label, fontsize=9, color="gray")  # what made the figure: data, hardware, date
+    if figures_dir:
+        os.makedirs(figures_dir, exist_ok=True)
+        fig.savefig(os.path.join(figures_dir, f"{name}.png"), dpi=100, bbox_inches="tight")
 
 
 def is_local_path(name):

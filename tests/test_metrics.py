@@ -245,6 +245,23 @@ def test_make_grid_and_save_gif(tmp_path):
         assert gif.n_frames == 4 and gif.info["loop"] == 0
 
 
+def test_save_figure_adds_the_footer_and_saves_only_where_asked(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, _ = plt.subplots()
+    helpers.save_figure(fig, None, "not_saved", "data; hardware; date")  # no figures_dir: nothing written
+    assert fig.get_supxlabel() == "data; hardware; date"
+    helpers.save_figure(fig, str(tmp_path / "new" / "images"), "02_example", "data; hardware; date")
+    assert os.listdir(tmp_path / "new" / "images") == ["02_example.png"]  # the folder is created
+    plain, _ = plt.subplots()
+    helpers.save_figure(plain, str(tmp_path), "plain")
+    assert plain.get_supxlabel() == "" and (tmp_path / "plain.png").is_file()
+    plt.close("all")
+
+
 @pytest.mark.parametrize("name", ["dpm++", "unipc"])
 def test_multistep_samplers_clip_their_clean_image_estimate_like_ddpm(name):
     from diffusers import DDPMScheduler
