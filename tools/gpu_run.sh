@@ -24,5 +24,5 @@ python3 benchmarks/train_speed.py --data .data/leeds --batch-sizes 16,64,128 --c
 # 2. The full-size course: every notebook at its defaults, the photographs as the data, outputs committed.
 python3 tools/make_outputs.py --data .data/leeds --preset tutorial \
   --data-label "the 832 photographs of the Leeds Butterfly Dataset (Wang, Markert and Everingham, BMVC 2009) as a local folder" \
-  2>&1 | tee "$out/make_outputs.log"
+  --figure-label "Leeds butterflies" 2>&1 | tee "$out/make_outputs.log"
 tar czf "$out/course.tgz" notebooks images runs/ddpm-butterflies-tutorial/samples runs/ddpm-butterflies-tutorial/samplers.csv

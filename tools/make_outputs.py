@@ -118,14 +118,13 @@ def main():
                 f"with {versions()}. The parameters cell shows the defaults; this run changed {changed}. "
                 "Regenerate with `python tools/make_outputs.py --data <folder>`.")
         nb = clean(output, note)
-        target = source
-        with open(target, "w") as f:
+        with open(source, "w") as f:
             json.dump(nb, f, indent=1, ensure_ascii=False)
             f.write("\n")
-        size = os.path.getsize(target)
-        print(f"{os.path.basename(target)}: {size / 1e6:.2f} MB", flush=True)
+        size = os.path.getsize(source)
+        print(f"{os.path.basename(source)}: {size / 1e6:.2f} MB", flush=True)
         if size > MAX_BYTES:
-            raise SystemExit(f"{target} is {size / 1e6:.1f} MB, over {MAX_BYTES / 1e6:.0f} MB: lower the figures' dpi.")
+            raise SystemExit(f"{source} is {size / 1e6:.1f} MB, over {MAX_BYTES / 1e6:.0f} MB: lower the figures' dpi.")
 
 
 if __name__ == "__main__":
