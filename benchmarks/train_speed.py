@@ -213,21 +213,12 @@ def tutorial_evaluate(config, epoch, pipeline, num_inference_steps=TUTORIAL_EVAL
     ).images
 
     # Make a grid out of the images (the tutorial: rows=4, cols=4 for its 16 images)
-    rows = grid_rows(len(images))
-    image_grid = make_image_grid(images, rows=rows, cols=len(images) // rows)
+    image_grid = make_image_grid(images, *helpers.grid_shape(len(images)))
 
     # Save the images
     test_dir = os.path.join(config.output_dir, "samples")
     os.makedirs(test_dir, exist_ok=True)
     image_grid.save(f"{test_dir}/{epoch:04d}.png")
-
-
-def grid_rows(n):
-    """The largest divisor of n not above its square root (4 for 16 images)."""
-    rows = int(math.sqrt(n))
-    while n % rows:
-        rows -= 1
-    return rows
 
 
 def tutorial_train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_scheduler,
