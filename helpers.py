@@ -395,7 +395,7 @@ def train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_s
         model, optimizer, train_dataloader, lr_scheduler
     )
     steps_per_epoch, max_steps = count_steps(config, train_dataloader)
-    global_step = resume_run(config, accelerator)  # 0 for a new run
+    global_step = resume_run(config, accelerator, ema_model)  # 0 for a new run
     log = LossLog(config, accelerator)  # sums the loss on the device, reads it back every logging_steps
     uploads = []  # background Hub uploads, waited for at the end
 
@@ -513,13 +513,15 @@ def count_steps(config, train_dataloader):
     return steps_per_epoch, max_steps
 
 
-def resume_run(config, accelerator):
+def resume_run(config, accelerator, ema_model=None):
     """Load the checkpoint that resume_from_checkpoint names, if any; returns the step to continue from."""
     resume_from = find_resume_checkpoint(config)
     if not resume_from:
         return 0
     accelerator.print(f"Resuming from {resume_from}")
     accelerator.load_state(resume_from)  # model, optimizer, LR schedule, scaler, EMA, random states
+    if ema_model is not None:
+        ema_model.to(accelerator.device)  # load_state reads the EMA weights onto the CPU
     return int(resume_from.rstrip("/").rsplit("-", 1)[1])
 
 

@@ -94,6 +94,8 @@ def parse_args(argv=None):
                    help="DPM-Solver++ steps of the course's evaluation (default: TrainingConfig's, 20)")
     p.add_argument("--compile", action="store_true",
                    help="also time the course path with torch.compile and channels_last")
+    p.add_argument("--compile-batch-sizes", default=None,
+                   help="batch sizes of the --compile runs (default: --batch-sizes); each compiles afresh, about a minute")
     p.add_argument("--channels-last", action="store_true", help="also time the course path with channels_last, no compile")
     p.add_argument("--foreach-adamw", action="store_true",
                    help="also time the course path with the default (foreach) AdamW instead of fused")
@@ -102,6 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.batch_sizes = parse_batch_sizes(args.batch_sizes, args.tutorial_batch_size)
+    args.compile_batch_sizes = (parse_batch_sizes(args.compile_batch_sizes, args.tutorial_batch_size)
+                                if args.compile_batch_sizes else args.batch_sizes)
     for name in ("steps", "warmup_steps", "tutorial_batch_size", "eval_batch_size", "tutorial_eval_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1.")
@@ -403,16 +407,38 @@ def run_course(args, images, batch_size, variant, workdir):
     if variant["channels_last"]:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps the same parameters
     if variant["compile"]:
+        torch._dynamo.reset()  # a fresh compile for this batch size: static shapes, as one training run has
         model.compile()  # in place, so train_loop's EMA, evaluation and saving see a plain UNet2DModel
     if variant["foreach_adamw"]:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, foreach=True)
         lr_scheduler = helpers.make_lr_scheduler(optimizer, config, train_dataloader)
     reset_accelerate()
     reset_memory()
-    result = helpers.train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_scheduler)
+    with eager_evaluation(variant["compile"]):
+        result = helpers.train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_scheduler)
     row = make_row("course", variant["name"], batch_size, helpers.resolve_mixed_precision(config.mixed_precision),
                    result["global_step"], result["images_per_second"], peak_memory_gib())
     return row, config, model, noise_scheduler
+
+
+@contextlib.contextmanager
+def eager_evaluation(compiled):
+    """For a compiled model, train_loop's closing grid (not timed) runs eagerly: no second compile for sampling."""
+    stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if not (compiled and stance):
+        yield
+        return
+    evaluate = helpers.evaluate
+
+    def eager_evaluate(*args, **kwargs):
+        with stance("force_eager"):
+            return evaluate(*args, **kwargs)
+
+    helpers.evaluate = eager_evaluate  # train_loop's evaluate_and_save looks the name up in helpers
+    try:
+        yield
+    finally:
+        helpers.evaluate = evaluate
 
 
 def course_output_dir(workdir, batch_size, variant):
@@ -594,7 +620,7 @@ def main(argv=None):
         tutorial_row = None
 
     for variant in course_variants(args):
-        for batch_size in args.batch_sizes:
+        for batch_size in args.compile_batch_sizes if variant["compile"] else args.batch_sizes:
             course_model = None
             try:
                 row, course_config, course_model, course_scheduler = run_course(args, images, batch_size, variant, workdir)

@@ -46,3 +46,17 @@ def test_speed_benchmark_runs_on_cpu_and_writes_json(tmp_path):
     speedup = report["speedup"]
     assert speedup["train"] > 0
     assert abs(speedup["train"] - speedup["course_images_per_second"] / speedup["tutorial_images_per_second"]) < 1e-9
+
+
+def test_profile_of_the_training_step_runs_on_cpu_and_names_the_operators(tmp_path):
+    out = tmp_path / "profile.txt"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"), "--tiny", "--image-size", "32",
+               "--batch-sizes", "4", "--rows", "8", "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=str(tmp_path), timeout=600,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = out.read_text()
+    assert report.startswith("CPU, ") and "profiled steps 11-20" in report
+    wall = re.search(r"^batch 4: wall ([\d.]+) ms/step, GPU kernels 0\.0 ms/step", report, re.M)
+    assert wall and float(wall.group(1)) > 0, report  # a CPU has no kernels to count
+    assert "ProfilerStep*" in report and "aten::" in report  # torch.profiler's table of train_loop's operators

@@ -225,3 +225,25 @@ def test_sampling_without_a_trained_model_says_what_to_do_and_offline_names_the_
     train(config, image_folder)
     pipeline = helpers.load_trained_pipeline(config.output_dir, fallback_id="anton-l/ddpm-butterflies-128")
     assert pipeline.unet.config.sample_size == 32  # the local model wins over the Hub's
+
+
+def test_resume_puts_the_ema_weights_back_on_the_training_device(tmp_path, image_folder):
+    # accelerator.load_state reads the EMA weights onto the CPU; on a GPU the next ema_model.step then
+    # mixed cuda and cpu tensors and stopped the resumed run (seen on an H100). A "meta" device stands in
+    # for the GPU: resume_run must move the EMA to whatever device the accelerator trains on.
+    import dataclasses
+    import types
+
+    config = tiny_config(tmp_path / "run", num_epochs=1, checkpointing_steps=2, save_image_epochs=10)
+    images = helpers.images_to_tensor(helpers.load_image_dataset(image_folder), config.image_size)
+    helpers.train_loop(*helpers.build_training(config, images))
+    resumed = dataclasses.replace(config, resume_from_checkpoint="latest")
+    accelerator = helpers.make_accelerator(resumed)
+    _, model, _, optimizer, train_dataloader, lr_scheduler = helpers.build_training(resumed, images)
+    ema_model = helpers.make_ema_model(resumed, model, accelerator)
+    accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
+    on_meta = types.SimpleNamespace(print=accelerator.print, load_state=accelerator.load_state,
+                                    device=torch.device("meta"))
+    assert helpers.resume_run(resumed, on_meta, ema_model) == 6
+    assert ema_model.optimization_step == 6  # the checkpoint's EMA was loaded, not a fresh one
+    assert {p.device.type for p in ema_model.shadow_params} == {"meta"}

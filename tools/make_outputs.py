@@ -114,9 +114,10 @@ def main():
         subprocess.run(command, check=True, cwd=ROOT)
         changed = ", ".join(f"`{k}={os.path.relpath(v, ROOT) if isinstance(v, str) and os.path.isabs(v) else v!r}`"
                             for k, v in params.items() if k not in ("figures_dir", "figure_label"))
+        preset_flag = "" if args.preset == "quick" else f" --preset {args.preset}"
         note = (f"> **The outputs on this page** come from a real run on {when}: {data_label}, on {hardware()}, "
                 f"with {versions()}. The parameters cell shows the defaults; this run changed {changed}. "
-                "Regenerate with `python tools/make_outputs.py --data <folder>`.")
+                f"Regenerate with `python tools/make_outputs.py --data <folder>{preset_flag}`.")
         nb = clean(output, note)
         with open(source, "w") as f:
             json.dump(nb, f, indent=1, ensure_ascii=False)
