@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py --batch-sizes 16,128 --out profile.txt
 
 For each batch size it runs the course's real train_loop (helpers.build_training's objects, the tutorial's
-U-Net at 128 px unless --tiny) for --steps optimizer steps, profiles steps 11-20, and reports the wall
+U-Net at 128 px unless --tiny) for 20 optimizer steps, profiles steps 11-20, and reports the wall
 time per step, the GPU's busy time per step (the sum of its kernels), and the kernels grouped by kind
 (convolution, matrix product, normalization, element-wise, optimizer, other), then torch.profiler's own
 table of the operators with the most device time. A GPU busy for most of the step is limited by its
@@ -54,26 +54,25 @@ def profile_batch_size(batch_size, args, images):
         built = helpers.build_training(config, images)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         prof = profile(activities=activities, schedule=schedule(wait=WAIT, warmup=WARMUP, active=ACTIVE))
-        add = helpers.LossLog.add
+        add, evaluate = helpers.LossLog.add, helpers.evaluate
         marks = {}
 
         def add_and_step(self, loss, step):
             add(self, loss, step)
-            if step == WAIT + WARMUP:
-                torch.cuda.synchronize() if torch.cuda.is_available() else None
-                marks["start"] = time.perf_counter()
-            if step == WAIT + WARMUP + ACTIVE - 1:
-                torch.cuda.synchronize() if torch.cuda.is_available() else None
+            if step in (WAIT + WARMUP, WAIT + WARMUP + ACTIVE - 1):  # the first and last profiled step
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                marks.setdefault("start", time.perf_counter())
                 marks["end"] = time.perf_counter()
             prof.step()
 
         helpers.LossLog.add = add_and_step  # train_loop calls log.add once per batch
-        helpers.evaluate = lambda *a, **k: None  # the closing grid is not profiled  # noqa: E731
+        helpers.evaluate = lambda *a, **k: None  # noqa: E731  (the closing grid is not profiled)
         try:
             with prof:
                 helpers.train_loop(*built)
         finally:
-            helpers.LossLog.add = add
+            helpers.LossLog.add, helpers.evaluate = add, evaluate
     wall_ms = 1000 * (marks["end"] - marks["start"]) / (ACTIVE - 1)
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
               and not e.name.startswith("ProfilerStep")]  # the profiler's own step markers are not kernels

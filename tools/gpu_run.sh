@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full-size course, the speed benchmark, a profile and the quick preset's time on one GPU machine.
 #
-#   bash tools/gpu_run.sh run        everything, in the foreground (a GPU machine of your own: ~20 min)
+#   bash tools/gpu_run.sh run        everything, in the foreground (a GPU machine of your own)
 #   bash tools/gpu_run.sh start      the same in the background, in its own session, in a copy of the repo
 #   bash tools/gpu_run.sh wait 540   wait up to 540 s for it, then copy what it has made so far to $OUT
 #
