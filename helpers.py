@@ -827,7 +827,9 @@ def steps_that_fit(seconds_per_pass, budget_seconds, choices=(1000, 500, 250, 10
 
 
 def format_seconds(seconds):
-    """A duration for people: '4.2 s', '40 s', '3.5 min', '2.1 h'."""
+    """A duration for people: '0.14 s', '4.2 s', '40 s', '3.5 min', '2.1 h'."""
+    if seconds < 1:
+        return f"{seconds:.2f} s"
     if seconds < 10:
         return f"{seconds:.1f} s"
     if seconds < 90:
