@@ -96,9 +96,6 @@ class TrainingConfig:
     ema_power: float = 0.75
     ema_max_decay: float = 0.9999
 
-    # Quality metrics.
-    fid_weights_path: Optional[str] = None  # a local Inception file for FID/KID on machines with no network
-
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
         if self.down_block_types is None:
