@@ -66,15 +66,27 @@ def main():
     parser.add_argument("--out", default="runs/peer")
     parser.add_argument("--course-model", required=True, help="the output_dir of the course's quick run")
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--scores-only", action="store_true",
+                        help="skip training: score the peer already saved in --out (its time read from results.json)")
+    parser.add_argument("--figure", help="also write both grids side by side, with their scores, to this PNG")
+    parser.add_argument("--course-minutes", type=float, help="the course run's training time, for the figure's title")
+    parser.add_argument("--data-label", default="Leeds butterflies on white", help="names the data in the figure's footer")
     args = parser.parse_args()
-    from diffusers import DDPMPipeline
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     real = helpers.images_to_tensor(helpers.load_image_dataset(args.data), 32)
-    peer, peer_scheduler, peer_seconds = train_peer(real, args.out)
+    if args.scores_only:
+        peer = UNet2DModel.from_pretrained(os.path.join(args.out, "unet")).eval()
+        peer_scheduler = DDPMScheduler.from_pretrained(os.path.join(args.out, "scheduler"))
+        peer_seconds = json.load(open(os.path.join(args.out, "results.json")))["peer_training_seconds"]
+    else:
+        peer, peer_scheduler, peer_seconds = train_peer(real, args.out)
     course = DDPMPipeline.from_pretrained(args.course_model)
     fid, kid = helpers.make_fid_kid(helpers.make_inception(), kid_subset_size=100)
     helpers.add_real_images(fid, kid, real)
-    results = {"peer_training_seconds": peer_seconds, "samples": args.samples, "real_images": len(real)}
+    results = {"peer_training_seconds": peer_seconds, "samples": args.samples, "real_images": len(real),
+               "course_model": args.course_model, "peer_parameters": helpers.count_parameters(peer),
+               "course_parameters": helpers.count_parameters(course.unet)}
     for name, unet, scheduler in [("peer", peer, peer_scheduler), ("course", course.unet.eval(), course.scheduler)]:
         fake, _ = helpers.generate_images(unet, helpers.make_scheduler("ddim", scheduler), args.samples, 50, 64, seed=0)
         results[name] = helpers.fid_kid_scores(fid, kid, helpers.to_uint8(fake))
@@ -82,6 +94,38 @@ def main():
         print(name, results[name], flush=True)
     json.dump(results, open(os.path.join(args.out, "results.json"), "w"), indent=1)
     print(json.dumps(results, indent=1))
+    if args.figure:
+        save_figure(args, results)
+
+
+def save_figure(args, results):
+    """The first 16 samples of each model side by side, titled with time, FID and KID, footed with the machine."""
+    import datetime
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    from make_outputs import hardware, versions
+
+    course_time = f", {args.course_minutes:.1f} min" if args.course_minutes else ""
+    millions = {name: f"{results[name + '_parameters'] / 1e6:.1f} M parameters" for name in ("peer", "course")}
+    titles = {"peer": f"HF class recipe ({millions['peer']}, {results['peer_training_seconds'] / 60:.1f} min)",
+              "course": f"course quick preset ({millions['course']}{course_time})"}
+    fig, axs = plt.subplots(1, 2, figsize=(9, 5.4), gridspec_kw=dict(top=0.83, bottom=0.05, left=0.01, right=0.99, wspace=0.04))
+    for ax, name in zip(axs, ("peer", "course")):
+        ax.imshow(Image.open(os.path.join(args.out, f"{name}_ddim50.png")), interpolation="nearest")
+        ax.set_title(f"{titles[name]}\nFID {results[name]['fid']:.1f}, KID {results[name]['kid']:.3f}", fontsize=10)
+        ax.set_axis_off()
+    fig.suptitle(f"The same noise, DDIM 50 steps; scores of {results['samples']} samples against the "
+                 f"{results['real_images']} images", fontsize=10, y=0.985)
+    fig.text(0.005, 0.005, f"{args.data_label}; {hardware(short=True)}; {datetime.date.today()}; {versions()}",
+             fontsize=7, color="0.45")
+    fig.savefig(args.figure, dpi=80)
+    print("figure:", args.figure)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,23 @@ def test_profile_of_the_training_step_runs_on_cpu_and_names_the_operators(tmp_pa
     wall = re.search(r"^batch 4: wall ([\d.]+) ms/step, GPU kernels 0\.0 ms/step", report, re.M)
     assert wall and float(wall.group(1)) > 0, report  # a CPU has no kernels to count
     assert "ProfilerStep*" in report and "aten::" in report  # torch.profiler's table of train_loop's operators
+
+
+def test_sampler_fid_scores_saved_pipelines_with_each_sampler(tmp_path):
+    """benchmarks/sampler_fid.py on a tiny saved pipeline and a few images: one FID line per model and sampler."""
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, block_out_channels=(32, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(str(tmp_path / "model"))
+    images = write_images(str(tmp_path / "images"), 6)
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "sampler_fid.py"), "--data", images,
+               "--models", str(tmp_path / "model"), "--samplers", "ddim:2", "sde-dpm++:2", "--samples", "4"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith(str(tmp_path))]
+    assert [(r[1], r[2]) for r in rows] == [("ddim", "2"), ("sde-dpm++", "2")], run.stdout
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows), run.stdout

@@ -456,6 +456,30 @@ def test_cpu_has_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
         assert helpers.cpu_has_native_bf16() is expected
 
 
+@pytest.mark.parametrize("accelerate_version, torch_version, num_processes, refused", [
+    ("1.12.0", "2.10.0+cu128", 2, True),  # accelerate #3925: the launcher's fork fails
+    ("1.9.0", "2.11.0", 8, True),
+    ("1.14.0", "2.10.0+cu128", 2, False),  # fixed by accelerate PR #4059
+    ("1.12.0", "2.9.1", 2, False),  # torch before 2.10 did not touch CUDA in the parent
+    ("1.8.1", "2.10.0", 2, False),
+    ("1.12.0", "2.10.0+cu128", 1, False),  # one process: no fork
+])
+def test_launcher_versions_that_cannot_fork_are_refused_with_the_fix(monkeypatch, accelerate_version, torch_version,
+                                                                     num_processes, refused):
+    import accelerate
+
+    monkeypatch.setattr(accelerate, "__version__", accelerate_version)
+    monkeypatch.setattr(torch, "__version__", torch_version)
+    if not refused:
+        helpers.check_launcher(num_processes)
+        return
+    with pytest.raises(RuntimeError) as info:
+        helpers.check_launcher(num_processes)
+    message = str(info.value)
+    assert f"accelerate {accelerate_version}" in message and f"torch {torch_version}" in message
+    assert 'pip install -U "accelerate>=1.14"' in message and "num_processes=1" in message
+
+
 def test_unknown_noise_schedule_and_prediction_type():
     with pytest.raises(ValueError, match="beta_schedule='cosine'.*'squaredcos_cap_v2'"):
         helpers.check_config(helpers.TrainingConfig(beta_schedule="cosine"))

@@ -190,7 +190,7 @@ def test_make_grid_and_save_gif(tmp_path):
         assert gif.n_frames == 4 and gif.info["loop"] == 0
 
 
-@pytest.mark.parametrize("name", ["dpm++", "unipc"])
+@pytest.mark.parametrize("name", ["dpm++", "sde-dpm++", "unipc"])
 def test_multistep_samplers_clip_their_clean_image_estimate_like_ddpm(name):
     from diffusers import DDPMScheduler
 
@@ -202,3 +202,25 @@ def test_multistep_samplers_clip_their_clean_image_estimate_like_ddpm(name):
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     images = helpers.sample(bad_noise_estimate, scheduler, noise, 10)
     assert images.abs().max() <= 1.0 + 1e-5  # without thresholding this reaches ~100
+
+
+def test_sde_dpm_solver_adds_fresh_noise_and_drives_the_evaluation_pipeline(tiny_pipeline):
+    from diffusers import DDPMPipeline
+
+    unet, scheduler = tiny_pipeline.unet, tiny_pipeline.scheduler
+    sde = helpers.make_scheduler("sde-dpm++", scheduler)
+    assert sde.config.algorithm_type == "sde-dpmsolver++" and sde.config.timestep_spacing == "trailing"
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    first = helpers.sample(unet, sde, noise, 4, generator=torch.Generator().manual_seed(1))
+    same = helpers.sample(unet, sde, noise, 4, generator=torch.Generator().manual_seed(1))
+    other = helpers.sample(unet, sde, noise, 4, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(first, same) and not torch.allclose(first, other)  # the step noise comes from the generator
+    deterministic = helpers.make_scheduler("dpm++", scheduler)
+    a = helpers.sample(unet, deterministic, noise, 4, generator=torch.Generator().manual_seed(1))
+    b = helpers.sample(unet, deterministic, noise, 4, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)  # the ODE solver ignores it
+    helpers.check_config(helpers.TrainingConfig(eval_sampler="sde-dpm++"))
+    pipeline = DDPMPipeline(unet=unet, scheduler=sde)
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np").images
+    assert images.shape == (2, 16, 16, 3)

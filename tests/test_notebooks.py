@@ -42,7 +42,7 @@ def reduced_parameters(tmp):
         num_processes=1,
         eval_inference_steps=5,
         ddpm_steps=10,
-        fast_samplers=[["ddim", 5], ["ddim", 3], ["dpm++", 5], ["dpm++", 3], ["unipc", 3], ["euler", 3]],
+        fast_samplers=[["ddim", 5], ["ddim", 3], ["dpm++", 5], ["dpm++", 3], ["sde-dpm++", 3], ["unipc", 3], ["euler", 3]],
         num_metric_images=4,
         bare_steps=3,
     )
