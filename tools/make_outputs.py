@@ -146,7 +146,7 @@ def main():
                             for k, v in params.items())
         preset_flag = "" if args.preset == "quick" else f" --preset {args.preset}"
         note = (f"> **The outputs on this page** come from a real run on {when}: {data_label}, on {hardware()}, "
-                f"with {versions()}. The parameters cell shows the defaults; this run changed {changed}. "
+                f"with {versions()}. The parameters cell shows the defaults; this run changed (paths from the repository's root) {changed}. "
                 f"Regenerate with `python tools/make_outputs.py --data <folder>{preset_flag}`.")
         nb = clean(output, note)
         figures = save_figures(nb, os.path.join(ROOT, "images"), label)
