@@ -139,7 +139,8 @@ def preset_config(preset="tutorial", **values):
         raise ValueError(f"preset={preset!r}: use one of {', '.join(map(repr, PRESETS))}.")
     given = {name: value for name, value in values.items() if value is not None}
     chosen = dict(PRESETS[preset])
-    if "block_out_channels" in given:  # the preset's block types fit its own levels: derive them for the new ones
+    if tuple(given.get("block_out_channels", chosen.get("block_out_channels", ()))) != tuple(chosen.get("block_out_channels", ())):
+        # the preset's block types fit its own levels: derive them for the new ones
         chosen.pop("down_block_types", None)
         chosen.pop("up_block_types", None)
     return TrainingConfig(**{**chosen, **given})

@@ -341,6 +341,14 @@ def test_training_config_accepts_keywords_unlike_the_tutorials_unannotated_datac
     helpers.check_config(config)
 
 
+def test_preset_keeps_its_block_types_when_given_its_own_channels_and_derives_them_for_others():
+    quick = helpers.preset_config("quick")
+    same = helpers.preset_config("quick", block_out_channels=[32, 64, 128])  # the value the notebook's comment shows
+    assert same.down_block_types == quick.down_block_types == ("DownBlock2D",) * 3
+    other = helpers.preset_config("quick", block_out_channels=(32, 64, 128, 128))
+    assert other.down_block_types == helpers.default_down_block_types(4)
+
+
 def test_derived_block_types_for_six_levels_are_the_tutorials():
     config = helpers.TrainingConfig()
     assert config.down_block_types == (
