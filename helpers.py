@@ -139,8 +139,8 @@ def preset_config(preset="tutorial", **values):
         raise ValueError(f"preset={preset!r}: use one of {', '.join(map(repr, PRESETS))}.")
     given = {name: value for name, value in values.items() if value is not None}
     chosen = dict(PRESETS[preset])
-    if tuple(given.get("block_out_channels", chosen.get("block_out_channels", ()))) != tuple(chosen.get("block_out_channels", ())):
-        # the preset's block types fit its own levels: derive them for the new ones
+    new_levels = "block_out_channels" in given and tuple(given["block_out_channels"]) != chosen.get("block_out_channels")
+    if new_levels:  # the preset's block types fit its own levels: derive them for the new ones
         chosen.pop("down_block_types", None)
         chosen.pop("up_block_types", None)
     return TrainingConfig(**{**chosen, **given})
@@ -514,8 +514,8 @@ def check_launcher(num_processes):
     import accelerate
     from packaging.version import Version
 
-    versions = Version(accelerate.__version__), Version(torch.__version__.split("+")[0])
-    if num_processes > 1 and Version("1.9") <= versions[0] < Version("1.14") and versions[1] >= Version("2.10"):
+    broken_accelerate = Version("1.9") <= Version(accelerate.__version__) < Version("1.14")
+    if num_processes > 1 and broken_accelerate and Version(torch.__version__.split("+")[0]) >= Version("2.10"):
         raise RuntimeError(
             f"num_processes={num_processes}: notebook_launcher of accelerate {accelerate.__version__} cannot fork "
             f"{num_processes} processes under torch {torch.__version__} (they fail with 'Cannot re-initialize CUDA in "
@@ -625,9 +625,9 @@ class LossLog:
         """Count one optimizer step on the bar; every logging_steps (and at the last step) write the loss."""
         self.bar.update(1)
         if step % self.config.logging_steps == 0 or step == self.max_steps:
-            self.write(step, lr, self.bar)
+            self.write(step, lr)
 
-    def write(self, step, lr, progress_bar):
+    def write(self, step, lr):
         """Read the mean loss back (one sync), log it to TensorBoard and the progress bar, and reset."""
         self.check_finite()
         elapsed = time.perf_counter() - self.start
@@ -637,7 +637,7 @@ class LossLog:
         self.last = logs  # printed after each sample grid
         if step > self.config.logging_steps:  # the first window includes the warm-up
             self.steady_images, self.steady_seconds = self.steady_images + images, self.steady_seconds + elapsed
-        progress_bar.set_postfix(**logs)
+        self.bar.set_postfix(**logs)
         self.accelerator.log(logs, step=step)
         self.loss_sum.zero_()
         self.batches, self.start = 0, time.perf_counter()
