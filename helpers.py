@@ -111,22 +111,22 @@ class TrainingConfig:
 PRESETS = {
     # The TrainingConfig defaults: the tutorial's 113.7 M-parameter U-Net at 128 px for 50 epochs (a GPU).
     "tutorial": {},
-    # A 3.6 M-parameter U-Net at 32 px for a 2-core CPU or a free Colab GPU (the README: its time, its grid).
+    # A 2.5 M-parameter U-Net at 32 px for a 2-core CPU or a free Colab GPU (the README: its time, its grid).
     "quick": dict(
         image_size=32,  # 16× fewer pixels than 128 px
         block_out_channels=(32, 64, 128),  # three levels: 32, 16 and 8 px
         down_block_types=("DownBlock2D",) * 3,  # attention only in the middle block (8 px): on a CPU the
         # attention at 16 px takes about a third of the step time
-        layers_per_block=2,
+        layers_per_block=1,  # one ResNet layer per block: more steps in the same time, sharper wings (README)
         beta_schedule="squaredcos_cap_v2",  # cosine: the linear schedule drowns a 32 px image early (04)
         prediction_type="v_prediction",  # with the cosine schedule, white grounds instead of pastel ones (README)
         train_batch_size=16,
-        num_epochs=50,  # 52 steps an epoch on 832 images (62 on the 1,000 butterflies of the Hub)
+        num_epochs=60,  # 52 steps an epoch on 832 images (62 on the 1,000 butterflies of the Hub)
         learning_rate=1e-3,  # a small model tolerates a larger step (FID 206 against 225 at 3e-4, README)
         lr_warmup_steps=200,
         eval_sampler="sde-dpm++",  # the grids: adds fresh noise each step, as DDPM (FID 213 against 225, README)
         save_image_epochs=10,
-        save_model_epochs=25,
+        save_model_epochs=30,
         checkpointing_steps=1000,
         output_dir="ddpm-butterflies-quick",
     ),
@@ -422,29 +422,26 @@ def make_lr_scheduler(optimizer, config, train_dataloader):
 def train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_scheduler):
     """The tutorial's training loop, with one named call for each thing the course adds."""
     accelerator = make_accelerator(config)  # devices, mixed precision, accumulation, TensorBoard
-    repo_id = start_run(config, accelerator)  # checks output_dir, seeds, creates the Hub repo if asked
+    hub = start_run(config, accelerator)  # checks output_dir, seeds; the Hub repo, if asked
     ema_model = make_ema_model(config, model, accelerator)  # None when use_ema=False
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
-    steps_per_epoch, max_steps = count_steps(config, train_dataloader)
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler)
     global_step = resume_run(config, accelerator, ema_model)  # 0 for a new run
-    log = LossLog(config, accelerator, steps_per_epoch, max_steps)  # the loss and a progress bar; stops at a NaN
-    uploads = []  # background Hub uploads, waited for at the end
+    log = LossLog(config, accelerator, train_dataloader)  # loss, progress bar; stops at a NaN
 
-    for epoch in range(global_step // steps_per_epoch, config.num_epochs):
-        if global_step >= max_steps:
-            break
-        progress_bar = log.progress_bar(epoch, global_step)  # this epoch's bar (quiet when TQDM_DISABLE=1)
-        for (uint8_images,) in epoch_batches(config, accelerator, train_dataloader, epoch, global_step):
-            clean_images = augment_batch(uint8_images)  # random flip, scaled to [-1, 1], on the device
-            noise = torch.randn_like(clean_images)  # Sample noise to add to the images
+    for epoch in epochs_left(config, train_dataloader, global_step):
+        for (batch,) in epoch_batches(config, accelerator, train_dataloader, epoch, global_step):
+            clean_images = augment_batch(batch)  # x_0: flipped at random, in [-1, 1], on the device
+            noise = torch.randn_like(clean_images)  # ε: Sample noise to add to the images
             bs = clean_images.shape[0]
-            # Sample a random timestep for each image
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bs,), device=clean_images.device)
-            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)  # the forward diffusion process
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bs,),
+                                      device=clean_images.device)  # t: a random timestep per image
+            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)  # x_t
 
             with accelerator.accumulate(model):
-                noise_pred = model(noisy_images, timesteps, return_dict=False)[0]  # Predict the noise (or v)
-                loss = diffusion_loss(noise_scheduler, noise_pred, clean_images, noise, timesteps, config.snr_gamma)
+                noise_pred = model(noisy_images, timesteps, return_dict=False)[0]  # ε (or v)
+                loss = diffusion_loss(noise_scheduler, noise_pred, clean_images, noise, timesteps,
+                                      config.snr_gamma)  # the mean squared error, in float32
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:  # clip the summed gradients only
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -453,23 +450,18 @@ def train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_s
                 optimizer.zero_grad(set_to_none=True)
 
             log.add(loss, global_step)
-            if not accelerator.sync_gradients:
-                continue  # still accumulating: no optimizer step yet
-            if ema_model is not None:
-                ema_model.step(model.parameters())  # the moving average of the weights
-            global_step += 1
-            log.step(global_step, lr_scheduler.get_last_lr()[0])  # the bar; the loss every logging_steps
-            if global_step % config.checkpointing_steps == 0:
-                save_checkpoint(accelerator, config, global_step, log)
-            if global_step >= max_steps:
-                break
-        progress_bar.close()
+            if accelerator.sync_gradients:  # an optimizer step, not a batch still accumulating
+                global_step += 1
+                if ema_model is not None:
+                    ema_model.step(model.parameters())  # the moving average of the weights
+                log.step(global_step, lr_scheduler.get_last_lr()[0])  # the bar; the loss, at times
+                if global_step % config.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, config, global_step, log)
 
         # After each epoch, sample a grid with evaluate() and save the pipeline, when scheduled
-        last_epoch = epoch == config.num_epochs - 1 or global_step >= max_steps
-        evaluate_and_save(config, epoch, last_epoch, accelerator, model, ema_model, noise_scheduler, log, repo_id, uploads)
+        evaluate_and_save(config, epoch, accelerator, model, ema_model, noise_scheduler, log, hub)
 
-    return finish_run(config, accelerator, repo_id, uploads, global_step, steps_per_epoch, log)
+    return finish_run(config, accelerator, hub, global_step, log)
 
 
 def training_target(noise_scheduler, clean_images, noise, timesteps):
@@ -526,7 +518,7 @@ def check_launcher(num_processes):
 
 
 def start_run(config, accelerator):
-    """Check output_dir on every process (before any work), prepare it, seed, start TensorBoard; returns the Hub repo id or None."""
+    """Check output_dir on every process (before any work), prepare it, seed, start TensorBoard and the Hub repo if asked."""
     from accelerate.utils import set_seed
 
     check_output_dir(config)  # every process raises alike, so none is left waiting at a barrier
@@ -541,7 +533,7 @@ def start_run(config, accelerator):
         accelerator.init_trackers("train_example")
     accelerator.print(f"Training on {accelerator.num_processes} process(es), {accelerator.device}, "
                       f"mixed precision {accelerator.mixed_precision!r}")
-    return repo_id
+    return {"repo_id": repo_id, "uploads": []}  # uploads: background Hub uploads, waited for at the end
 
 
 def make_ema_model(config, model, accelerator=None):
@@ -585,20 +577,31 @@ def resume_run(config, accelerator, ema_model=None):
     return int(resume_from.rstrip("/").rsplit("-", 1)[1])
 
 
+def epochs_left(config, train_dataloader, global_step):
+    """The epochs still to train: from the one global_step is in, to the one max_train_steps ends in."""
+    steps_per_epoch, max_steps = count_steps(config, train_dataloader)
+    return range(global_step // steps_per_epoch, math.ceil(max_steps / steps_per_epoch))
+
+
 def epoch_batches(config, accelerator, train_dataloader, epoch, global_step):
-    """This epoch's batches in its seeded order, skipping those a resumed run has already trained on."""
+    """This epoch's batches in its seeded order, less those a resumed run trained on and those past max_train_steps."""
+    import itertools
+
     train_dataloader.set_epoch(epoch)
-    steps_per_epoch, _ = count_steps(config, train_dataloader)
+    steps_per_epoch, max_steps = count_steps(config, train_dataloader)
     done = (global_step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
-    return accelerator.skip_first_batches(train_dataloader, done) if done > 0 else train_dataloader
+    batches = accelerator.skip_first_batches(train_dataloader, done) if done > 0 else train_dataloader
+    if max_steps >= (epoch + 1) * steps_per_epoch:
+        return batches  # the whole epoch
+    return itertools.islice(batches, (max_steps - epoch * steps_per_epoch) * config.gradient_accumulation_steps - done)
 
 
 class LossLog:
     """The loss summed on the device, logged every logging_steps, a progress bar, and a stop at the first NaN."""
 
-    def __init__(self, config, accelerator, steps_per_epoch, max_steps):
-        self.config, self.accelerator = config, accelerator
-        self.steps_per_epoch, self.max_steps, self.bar = steps_per_epoch, max_steps, None
+    def __init__(self, config, accelerator, train_dataloader):
+        self.config, self.accelerator, self.bar = config, accelerator, None
+        self.steps_per_epoch, self.max_steps = count_steps(config, train_dataloader)
         self.loss_sum = torch.zeros((), device=accelerator.device)  # no host sync per step
         self.first_bad_step = torch.full((), -1, device=accelerator.device, dtype=torch.long)
         self.batches, self.start = 0, time.perf_counter()
@@ -613,19 +616,20 @@ class LossLog:
         self.first_bad_step.copy_(torch.where(bad, step, self.first_bad_step))
         self.batches += 1
 
-    def progress_bar(self, epoch, global_step):
-        """A tqdm bar for this epoch's optimizer steps, on the local main process only."""
+    def step(self, step, lr):
+        """Count optimizer step `step` on this epoch's bar; every logging_steps (and at the last step) write the loss."""
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=self.steps_per_epoch, initial=global_step % self.steps_per_epoch, desc=f"Epoch {epoch}",
-                        disable=not self.accelerator.is_local_main_process)
-        return self.bar
-
-    def step(self, step, lr):
-        """Count one optimizer step on the bar; every logging_steps (and at the last step) write the loss."""
+        if self.bar is None:  # the epoch's first step (quiet when TQDM_DISABLE=1, and off the main process)
+            self.bar = tqdm(total=self.steps_per_epoch, initial=(step - 1) % self.steps_per_epoch,
+                            desc=f"Epoch {(step - 1) // self.steps_per_epoch}",
+                            disable=not self.accelerator.is_local_main_process)
         self.bar.update(1)
         if step % self.config.logging_steps == 0 or step == self.max_steps:
             self.write(step, lr)
+        if step % self.steps_per_epoch == 0 or step == self.max_steps:
+            self.bar.close()
+            self.bar = None
 
     def write(self, step, lr):
         """Read the mean loss back (one sync), log it to TensorBoard and the progress bar, and reset."""
@@ -659,10 +663,11 @@ class LossLog:
         return self.steady_images / self.steady_seconds if self.steady_seconds else None
 
 
-def evaluate_and_save(config, epoch, last_epoch, accelerator, model, ema_model, noise_scheduler, log, repo_id, uploads):
+def evaluate_and_save(config, epoch, accelerator, model, ema_model, noise_scheduler, log, hub):
     """Every save_image_epochs sample a grid, every save_model_epochs save (and upload) the pipeline, with the EMA weights."""
     from diffusers import DDPMPipeline
 
+    last_epoch = (epoch + 1) * log.steps_per_epoch >= log.max_steps
     save_images = (epoch + 1) % config.save_image_epochs == 0 or last_epoch
     save_model = (epoch + 1) % config.save_model_epochs == 0 or last_epoch
     if not (save_images or save_model):
@@ -686,8 +691,8 @@ def evaluate_and_save(config, epoch, last_epoch, accelerator, model, ema_model, 
     if save_model and accelerator.is_main_process:
         pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
         save_pipeline_atomically(pipeline, config.output_dir, raw_unet, model_card(config, epoch))
-        if repo_id:
-            uploads.append(upload_to_hub(config, repo_id, f"Epoch {epoch}"))
+        if hub["repo_id"]:
+            hub["uploads"].append(upload_to_hub(config, hub["repo_id"], f"Epoch {epoch}"))
     if ema_model is not None:
         ema_model.restore(unet.parameters())
     accelerator.wait_for_everyone()
@@ -729,12 +734,12 @@ def grid_shape(num_images):
     return rows, num_images // rows
 
 
-def finish_run(config, accelerator, repo_id, uploads, global_step, steps_per_epoch, log):
+def finish_run(config, accelerator, hub, global_step, log):
     """Close the logs, wait for Hub uploads, and return the run's step count and throughput."""
     accelerator.end_training()
-    for future in uploads:
-        wait_for_upload(config, repo_id, future)
-    return {"global_step": global_step, "epochs": math.ceil(global_step / steps_per_epoch),
+    for future in hub["uploads"]:
+        wait_for_upload(config, hub["repo_id"], future)
+    return {"global_step": global_step, "epochs": math.ceil(global_step / log.steps_per_epoch),
             "images_per_second": log.images_per_second()}
 
 

@@ -9,6 +9,8 @@ batch 64; 30 epochs; random flips; no EMA. The only change: bf16 autocast where 
 it natively, as the course's mixed_precision="auto" does, so both get the same help from the hardware.
 Then samples 256 images from it, and from the course's model in --course-model, with DDIM-50 from the
 same seeded noise, and scores both against all the folder's images with FID and KID (helpers).
+With --peer-results, scores only the course's model, taking the peer's scores and time from a results
+file an earlier run wrote (the peer's samples do not change while its weights do not).
 """
 
 import argparse
@@ -71,11 +73,17 @@ def main():
     parser.add_argument("--figure", help="also write both grids side by side, with their scores, to this PNG")
     parser.add_argument("--course-minutes", type=float, help="the course run's training time, for the figure's title")
     parser.add_argument("--data-label", default="Leeds butterflies on white", help="names the data in the figure's footer")
+    parser.add_argument("--peer-results", help="score only the course's model; the peer's scores from this results file")
     args = parser.parse_args()
+    if args.peer_results and (args.figure or args.scores_only):
+        parser.error("--peer-results scores the course's model alone: no --figure (it needs the peer's samples), no --scores-only")
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     real = helpers.images_to_tensor(helpers.load_image_dataset(args.data), 32)
-    if args.scores_only:
+    earlier = json.load(open(args.peer_results)) if args.peer_results else None
+    if earlier:
+        peer, peer_scheduler, peer_seconds = None, None, earlier["peer_training_seconds"]
+    elif args.scores_only:
         peer = UNet2DModel.from_pretrained(os.path.join(args.out, "unet")).eval()
         peer_scheduler = DDPMScheduler.from_pretrained(os.path.join(args.out, "scheduler"))
         peer_seconds = json.load(open(os.path.join(args.out, "results.json")))["peer_training_seconds"]
@@ -85,11 +93,16 @@ def main():
     fid, kid = helpers.make_fid_kid(helpers.make_inception(), kid_subset_size=100)
     helpers.add_real_images(fid, kid, real)
     results = {"peer_training_seconds": peer_seconds, "samples": args.samples, "real_images": len(real),
-               "course_model": args.course_model, "peer_parameters": helpers.count_parameters(peer),
+               "course_model": args.course_model,
+               "peer_parameters": earlier["peer_parameters"] if earlier else helpers.count_parameters(peer),
                "course_parameters": helpers.count_parameters(course.unet)}
-    for name, unet, scheduler in [("peer", peer, peer_scheduler), ("course", course.unet.eval(), course.scheduler)]:
+    if earlier:
+        results.update(peer=earlier["peer"], peer_scores_from=args.peer_results)
+    models = [("course", course.unet.eval(), course.scheduler)]
+    for name, unet, scheduler in ([] if earlier else [("peer", peer, peer_scheduler)]) + models:
         fake, _ = helpers.generate_images(unet, helpers.make_scheduler("ddim", scheduler), args.samples, 50, 64, seed=0)
         results[name] = helpers.fid_kid_scores(fid, kid, helpers.to_uint8(fake))
+        os.makedirs(args.out, exist_ok=True)
         helpers.make_grid(fake[:16]).save(os.path.join(args.out, f"{name}_ddim50.png"))
         print(name, results[name], flush=True)
     json.dump(results, open(os.path.join(args.out, "results.json"), "w"), indent=1)

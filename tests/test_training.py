@@ -1,5 +1,6 @@
 """train_loop end to end on a CPU: saving, resuming after SIGKILL, two processes, NaN, Hub without login."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -62,6 +63,19 @@ def test_gradient_accumulation_counts_optimizer_steps_and_ends_the_cosine(tmp_pa
     result = helpers.train_loop(*args)
     assert result["global_step"] == 2 * (6 // 2)
     assert lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # not stretched (diffusers script's defect)
+
+
+def test_max_train_steps_ends_mid_epoch_with_that_epochs_grid_and_pipeline(tmp_path, image_folder):
+    config = tiny_config(tmp_path / "run", num_epochs=3, max_train_steps=9, checkpointing_steps=4, save_image_epochs=10)
+    result = train(config, image_folder)
+    assert result["global_step"] == 9 and result["epochs"] == 2  # six steps an epoch: stops 3 steps into the second
+    assert logged_steps(config.output_dir)[-1] == 9
+    assert sorted(os.listdir(os.path.join(config.output_dir, "samples"))) == ["0001.png"]  # the last epoch's grid
+    assert os.path.isfile(os.path.join(config.output_dir, "unet", "config.json"))
+    resumed = helpers.train_loop(*helpers.build_training(  # from checkpoint-8, mid-epoch, to the same cap
+        dataclasses.replace(config, resume_from_checkpoint="latest"),
+        helpers.images_to_tensor(helpers.load_image_dataset(image_folder), config.image_size)))
+    assert resumed["global_step"] == 9
 
 
 def cli(output_dir, image_folder, *extra):
