@@ -580,6 +580,8 @@ def resume_run(config, accelerator, ema_model=None):
 def epochs_left(config, train_dataloader, global_step):
     """The epochs still to train: from the one global_step is in, to the one max_train_steps ends in."""
     steps_per_epoch, max_steps = count_steps(config, train_dataloader)
+    if global_step >= max_steps:
+        return range(0)  # a finished run: nothing to train, sample or save again
     return range(global_step // steps_per_epoch, math.ceil(max_steps / steps_per_epoch))
 
 
@@ -618,9 +620,9 @@ class LossLog:
 
     def step(self, step, lr):
         """Count optimizer step `step` on this epoch's bar; every logging_steps (and at the last step) write the loss."""
-        from tqdm.auto import tqdm
-
         if self.bar is None:  # the epoch's first step (quiet when TQDM_DISABLE=1, and off the main process)
+            from tqdm.auto import tqdm
+
             self.bar = tqdm(total=self.steps_per_epoch, initial=(step - 1) % self.steps_per_epoch,
                             desc=f"Epoch {(step - 1) // self.steps_per_epoch}",
                             disable=not self.accelerator.is_local_main_process)

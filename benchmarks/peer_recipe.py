@@ -98,11 +98,12 @@ def main():
                "course_parameters": helpers.count_parameters(course.unet)}
     if earlier:
         results.update(peer=earlier["peer"], peer_scores_from=args.peer_results)
-    models = [("course", course.unet.eval(), course.scheduler)]
-    for name, unet, scheduler in ([] if earlier else [("peer", peer, peer_scheduler)]) + models:
+    models = [] if earlier else [("peer", peer, peer_scheduler)]
+    models.append(("course", course.unet.eval(), course.scheduler))
+    os.makedirs(args.out, exist_ok=True)
+    for name, unet, scheduler in models:
         fake, _ = helpers.generate_images(unet, helpers.make_scheduler("ddim", scheduler), args.samples, 50, 64, seed=0)
         results[name] = helpers.fid_kid_scores(fid, kid, helpers.to_uint8(fake))
-        os.makedirs(args.out, exist_ok=True)
         helpers.make_grid(fake[:16]).save(os.path.join(args.out, f"{name}_ddim50.png"))
         print(name, results[name], flush=True)
     json.dump(results, open(os.path.join(args.out, "results.json"), "w"), indent=1)

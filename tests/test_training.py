@@ -78,6 +78,16 @@ def test_max_train_steps_ends_mid_epoch_with_that_epochs_grid_and_pipeline(tmp_p
     assert resumed["global_step"] == 9
 
 
+def test_resuming_a_finished_run_trains_samples_and_saves_nothing_again(tmp_path, image_folder):
+    config = tiny_config(tmp_path / "run", num_epochs=3, max_train_steps=8, checkpointing_steps=4)
+    train(config, image_folder)  # ends mid-epoch at step 8, with checkpoint-8
+    grid = os.path.join(config.output_dir, "samples", "0001.png")
+    before = os.stat(grid).st_mtime_ns
+    resumed = train(dataclasses.replace(config, resume_from_checkpoint="latest"), image_folder)
+    assert resumed["global_step"] == 8
+    assert os.stat(grid).st_mtime_ns == before  # no grid sampled again
+
+
 def cli(output_dir, image_folder, *extra):
     """The command line that `accelerate launch helpers.py` runs, as a subprocess."""
     flags = dict(
