@@ -834,12 +834,12 @@ def load_trained_pipeline(output_dir, fallback_id=None):
 
 
 @torch.no_grad()
-def time_unet_pass(unet, batch_size):
-    """Seconds one U-Net forward pass takes on a batch of batch_size images, timed after a warm-up pass."""
+def time_unet_pass(unet, batch_size, repeats=5):
+    """Seconds one U-Net forward pass takes on a batch of batch_size images: the median of a few, after a warm-up."""
     size = unet.config.sample_size
     x = torch.randn(batch_size, unet.config.in_channels, size, size, device=unet.device, dtype=unet.dtype)
     timings = []
-    for _ in range(2):  # the first pass also allocates memory and picks kernels: keep the second
+    for _ in range(1 + repeats):  # the first pass also allocates memory and picks kernels: not counted
         if unet.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -847,7 +847,7 @@ def time_unet_pass(unet, batch_size):
         if unet.device.type == "cuda":
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
-    return timings[-1]
+    return sorted(timings[1:])[repeats // 2]  # the median: one slow pass (another process, a page fault) does not count
 
 
 def steps_that_fit(seconds_per_pass, budget_seconds, choices=(1000, 500, 250, 100, 50, 20)):

@@ -224,3 +224,20 @@ def test_sde_dpm_solver_adds_fresh_noise_and_drives_the_evaluation_pipeline(tiny
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np").images
     assert images.shape == (2, 16, 16, 3)
+
+
+def test_time_unet_pass_ignores_the_warm_up_and_one_slow_pass(monkeypatch):
+    class ClockedUNet:  # each call advances a fake clock by the next duration
+        config = type("Config", (), {"sample_size": 8, "in_channels": 3})()
+        device, dtype = torch.device("cpu"), torch.float32
+
+        def __init__(self, durations):
+            self.durations, self.now = list(durations), 0.0
+
+        def __call__(self, x, t):
+            self.now += self.durations.pop(0)
+
+    unet = ClockedUNet([5.0, 0.1, 0.9, 0.1, 0.1, 0.1])  # warm-up, then one pass slowed by something else
+    monkeypatch.setattr(helpers.time, "perf_counter", lambda: unet.now)
+    assert helpers.time_unet_pass(unet, 4) == pytest.approx(0.1)
+    assert unet.durations == []  # the warm-up and five timed passes
