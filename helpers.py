@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0  # gradient clipping
     logging_steps: int = 10  # read the loss back from the device every N optimizer steps
     max_train_steps: Optional[int] = None  # stop after N optimizer steps (None: num_epochs)
+    train_minutes: Optional[float] = None  # fit the run to this many minutes, measured on this machine (None: num_epochs)
 
     # Checkpoints and resuming (the names of diffusers' training scripts).
     checkpointing_steps: int = 500  # save a resumable checkpoint every N optimizer steps
@@ -111,25 +113,32 @@ class TrainingConfig:
 PRESETS = {
     # The TrainingConfig defaults: the tutorial's 113.7 M-parameter U-Net at 128 px for 50 epochs (a GPU).
     "tutorial": {},
-    # A 2.5 M-parameter U-Net at 32 px for a 2-core CPU or a free Colab GPU (the README: its time, its grid).
+    # A 2.5 M-parameter U-Net at 32 px for a 2-core CPU or a free Colab GPU (docs/results.md: its time, its grid).
     "quick": dict(
         image_size=32,  # 16× fewer pixels than 128 px
         block_out_channels=(32, 64, 128),  # three levels: 32, 16 and 8 px
         down_block_types=("DownBlock2D",) * 3,  # attention only in the middle block (8 px): on a CPU the
         # attention at 16 px takes about a third of the step time
-        layers_per_block=1,  # one ResNet layer per block: more steps in the same time, sharper wings (README)
+        layers_per_block=1,  # one ResNet layer per block: more steps in the same time, sharper wings (docs/results.md)
         beta_schedule="squaredcos_cap_v2",  # cosine: the linear schedule drowns a 32 px image early (04)
-        prediction_type="v_prediction",  # with the cosine schedule, white grounds instead of pastel ones (README)
+        prediction_type="v_prediction",  # with the cosine schedule, white grounds instead of pastel ones (docs/results.md)
         train_batch_size=16,
-        num_epochs=100,  # 52 steps an epoch on 832 images (62 on the Hub's 1,000); 150 drew no more recognisable butterflies (README)
-        learning_rate=1e-3,  # a small model tolerates a larger step (FID 206 against 225 at 3e-4, README)
+        num_epochs=100,  # 52 steps an epoch on 832 images (62 on the Hub's 1,000); 150 drew no more recognisable butterflies (docs/results.md)
+        learning_rate=1e-3,  # a small model tolerates a larger step (FID 206 against 225 at 3e-4, docs/results.md)
         lr_warmup_steps=200,
-        eval_sampler="sde-dpm++",  # the grids: adds fresh noise each step, as DDPM (FID 213 against 225, README)
+        eval_sampler="sde-dpm++",  # the grids: adds fresh noise each step, as DDPM (FID 213 against 225, docs/results.md)
         save_image_epochs=10,
         save_model_epochs=50,
         checkpointing_steps=1000,
         output_dir="ddpm-butterflies-quick",
     ),
+}
+
+
+# A published pipeline at each preset's resolution, trained by others: what 01, 06 and 07 sample before you have trained.
+PUBLISHED_PIPELINES = {
+    "tutorial": "anton-l/ddpm-butterflies-128",  # the tutorial's own, 128 px
+    "quick": "johnowhitaker/ddpm-butterflies-32px",  # the HF diffusion-models-class unit 1's, 32 px
 }
 
 
@@ -144,6 +153,23 @@ def preset_config(preset="tutorial", **values):
         chosen.pop("down_block_types", None)
         chosen.pop("up_block_types", None)
     return TrainingConfig(**{**chosen, **given})
+
+
+def load_published_pipeline(preset):
+    """The Hub pipeline at the preset's resolution (PUBLISHED_PIPELINES), or None, saying why, when it cannot be downloaded."""
+    from diffusers import DDPMPipeline
+    from diffusers.utils import logging
+
+    name, verbosity = PUBLISHED_PIPELINES[preset], logging.get_verbosity()
+    logging.set_verbosity_error()  # one message below, not the library's warnings about each retry
+    try:
+        return DDPMPipeline.from_pretrained(name)
+    except Exception as err:  # OSError with no network or HF_HUB_OFFLINE=1; others when the network fails midway
+        print(f"Could not download {name!r} from the Hub ({type(err).__name__}: no network, or HF_HUB_OFFLINE is "
+              "set). Shown instead: the last sample grid of the course's own quick run (notebook 05).")
+        return None
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def default_down_block_types(num_levels):
@@ -178,17 +204,9 @@ def check_config(config):
         raise ValueError(
             f"mixed_precision={config.mixed_precision!r}: use 'auto', 'no', 'fp16' or 'bf16'."
         )
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError(
-            "mixed_precision='fp16' needs a GPU and none is visible: use 'auto' (on a CPU it picks bf16 "
-            "where the CPU computes it natively, else 'no') or 'no'."
-        )
-    if config.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
-        raise ValueError(
-            "mixed_precision='bf16' needs a GPU or a CPU that computes bf16 natively (AVX512-BF16 or AMX), "
-            "and this machine has neither: on its CPU bf16 is emulated, many times slower than float32. "
-            "Use 'auto' (it picks 'no' here) or 'no'."
-        )
+    problem = precision_problem(config.mixed_precision)
+    if problem:
+        raise ValueError(problem)
     if config.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type={config.prediction_type!r}: use 'epsilon' or 'v_prediction'.")
     if config.beta_schedule not in BETA_SCHEDULES:
@@ -201,6 +219,11 @@ def check_config(config):
             f"{', '.join(EVAL_SAMPLERS)} (DDPMPipeline needs a scheduler whose step takes a generator and "
             "no scale_model_input; notebook 06 compares the others with the course's own loop)."
         )
+    if config.train_minutes is not None and (config.train_minutes <= 0 or config.max_train_steps):
+        raise ValueError(
+            f"train_minutes={config.train_minutes} with max_train_steps={config.max_train_steps}: give a positive "
+            "number of minutes and leave max_train_steps=None (the minutes decide the steps), or set train_minutes=None."
+        )
     odd = [c for c in config.block_out_channels if c % 32]
     if odd:
         raise ValueError(
@@ -209,13 +232,71 @@ def check_config(config):
         )
 
 
+def pick_device():
+    """The device the notebooks use, as 🤗 Accelerate picks it: a CUDA GPU, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def resolve_mixed_precision(value):
-    """'auto': bf16 where the GPU (or CPU) computes it natively, fp16 on older GPUs (T4, V100), else none."""
+    """'auto': bf16 where the GPU (or CPU) computes it natively, fp16 on older GPUs and on MPS where allowed, else none."""
     if value != "auto":
         return value
-    if not torch.cuda.is_available():
-        return "bf16" if cpu_has_native_bf16() else "no"
-    return "bf16" if gpu_has_native_bf16() else "fp16"
+    device = pick_device()
+    if device == "cuda":
+        return "bf16" if gpu_has_native_bf16() else "fp16"
+    if device == "mps":  # fp16, MPS's autocast default, where accelerate allows it; else bf16; else none
+        allowed = mps_precisions()
+        return next((name for name in ("fp16", "bf16") if name in allowed), "no")
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+def precision_problem(value):
+    """Why this machine cannot train in mixed precision `value`, and what to do; None if it can."""
+    device = pick_device()
+    if value in ("auto", "no") or device == "cuda":
+        return None
+    if device == "mps":
+        if value in mps_precisions():
+            return None
+        import accelerate
+
+        needs = "torch >= 2.8" if value == "fp16" else "torch >= 2.6 and macOS 14 or later"
+        return (
+            f"mixed_precision={value!r} on Apple's MPS needs accelerate >= 1.11 and {needs}; this machine has "
+            f"accelerate {accelerate.__version__} and torch {torch.__version__}. Use 'auto' (it picks "
+            f"{resolve_mixed_precision('auto')!r} here) or 'no', or upgrade: `pip install -U torch accelerate`."
+        )
+    if value == "fp16":
+        return (
+            "mixed_precision='fp16' needs a GPU and none is visible: use 'auto' (on a CPU it picks bf16 "
+            "where the CPU computes it natively, else 'no') or 'no'."
+        )
+    if not cpu_has_native_bf16():
+        return (
+            "mixed_precision='bf16' needs a GPU or a CPU that computes bf16 natively (AVX512-BF16 or AMX), "
+            "and this machine has neither: on its CPU bf16 is emulated, many times slower than float32. "
+            "Use 'auto' (it picks 'no' here) or 'no'."
+        )
+    return None
+
+
+def mps_precisions():
+    """The mixed precisions 🤗 Accelerate trains in on Apple's MPS with the installed accelerate and torch."""
+    import accelerate
+    from packaging.version import Version
+
+    # From accelerate's accelerator.py: before 1.11 (PR #3373) fp16 and bf16 both raise on MPS. Since 1.11, fp16
+    # needs torch >= 2.8 (a GradScaler for MPS), bf16 torch >= 2.6 and macOS 14 (its is_bf16_available).
+    if Version(accelerate.__version__) < Version("1.11"):
+        return set()
+    torch_version = Version(torch.__version__.split("+")[0])
+    macos_14 = getattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: False)(14, 0)
+    return {name for name, ok in (("fp16", torch_version >= Version("2.8")),
+                                  ("bf16", torch_version >= Version("2.6") and macos_14)) if ok}
 
 
 def gpu_has_native_bf16():
@@ -228,9 +309,13 @@ def gpu_has_native_bf16():
 
 def cpu_has_native_bf16():
     """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast is faster than float32."""
-    try:
+    import torch.cpu
+
+    if hasattr(torch.cpu, "_is_avx512_bf16_supported"):  # torch's own CPU query: Linux, macOS and Windows alike
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    try:  # older torch: the flags Linux lists
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):  # not Linux: macOS, Windows
+    except (OSError, StopIteration):
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
@@ -387,6 +472,22 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def time_training_step(config, batch_size, repeats=2):
+    """Seconds one float32 training step (forward, backward, AdamW) of config's U-Net takes here, on random images."""
+    model = make_model(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    images = torch.randn(batch_size, 3, config.image_size, config.image_size)
+    timesteps = torch.randint(0, config.num_train_timesteps, (batch_size,))
+    timings = []
+    for _ in range(1 + repeats):  # the first step also allocates memory: not counted
+        start = time.perf_counter()
+        F.mse_loss(model(images, timesteps).sample, images).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timings.append(time.perf_counter() - start)
+    return min(timings[1:])
+
+
 # --------------------------------------------------------------------------- 05 training
 
 
@@ -424,10 +525,12 @@ def train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_s
     accelerator = make_accelerator(config)  # devices, mixed precision, accumulation, TensorBoard
     hub = start_run(config, accelerator)  # checks output_dir, seeds; the Hub repo, if asked
     ema_model = make_ema_model(config, model, accelerator)  # None when use_ema=False
+    config, lr_scheduler, expected = plan_time(config, accelerator, model, noise_scheduler, optimizer,
+                                               train_dataloader, lr_scheduler)  # the run's time; train_minutes
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler)
     global_step = resume_run(config, accelerator, ema_model)  # 0 for a new run
-    log = LossLog(config, accelerator, train_dataloader)  # loss, progress bar; stops at a NaN
+    log = LossLog(config, accelerator, train_dataloader, expected)  # loss, progress bar, clock; stops at a NaN
 
     for epoch in epochs_left(config, train_dataloader, global_step):
         for (batch,) in epoch_batches(config, accelerator, train_dataloader, epoch, global_step):
@@ -502,18 +605,34 @@ def make_accelerator(config):
 
 
 def check_launcher(num_processes):
-    """Refuse, before forking, the accelerate and torch versions whose notebook_launcher cannot start several processes."""
+    """Refuse, before anything forks, several processes where notebook_launcher cannot start them, saying what to do."""
     import accelerate
     from packaging.version import Version
 
+    if num_processes <= 1:
+        return
+    asked = f"num_processes={num_processes}: "
+    if sys.platform == "win32":
+        raise RuntimeError(
+            asked + "notebook_launcher starts its processes by forking, which Windows does not have. Train with "
+            "num_processes=1 here, or from a terminal: `accelerate launch --multi_gpu --num_processes "
+            f"{num_processes} helpers.py --output_dir ...` (docs/several-gpus.md)."
+        )
+    device = pick_device()
+    if device != "cuda":
+        where = "Apple's MPS, a single device" if device == "mps" else "its CPU"
+        raise RuntimeError(
+            asked + f"this machine has no CUDA GPU and trains on {where}: several processes would each run a "
+            "copy of the whole training on the same hardware, unsynchronised. Set num_processes=1."
+        )
     broken_accelerate = Version("1.9") <= Version(accelerate.__version__) < Version("1.14")
-    if num_processes > 1 and broken_accelerate and Version(torch.__version__.split("+")[0]) >= Version("2.10"):
+    if broken_accelerate and Version(torch.__version__.split("+")[0]) >= Version("2.10"):
         raise RuntimeError(
             f"num_processes={num_processes}: notebook_launcher of accelerate {accelerate.__version__} cannot fork "
             f"{num_processes} processes under torch {torch.__version__} (they fail with 'Cannot re-initialize CUDA in "
             "forked subprocess', accelerate issue #3925, fixed in accelerate 1.14). Run `%pip install -U "
             "\"accelerate>=1.14\"` in a cell, restart the kernel and run the notebook again; or train on one GPU "
-            "(num_processes=1), or from a terminal: `accelerate launch helpers.py ...` (README)."
+            "(num_processes=1), or from a terminal: `accelerate launch helpers.py ...` (docs/several-gpus.md)."
         )
 
 
@@ -526,6 +645,7 @@ def start_run(config, accelerator):
         prepare_output_dir(config)
         os.makedirs(config.output_dir, exist_ok=True)
         remove_path(os.path.join(config.output_dir, ".tmp-pipeline"))
+        save_run_settings(config)  # what 06 and 07 follow: the data, the preset's sizes
     accelerator.wait_for_everyone()
     set_seed(config.seed, device_specific=True)  # a different noise stream on each process
     repo_id = start_hub_repo(config) if config.push_to_hub and accelerator.is_main_process else None
@@ -556,6 +676,106 @@ def make_ema_model(config, model, accelerator=None):
     return ema_model
 
 
+def plan_time(config, accelerator, model, noise_scheduler, optimizer, train_dataloader, lr_scheduler):
+    """Time a few steps here and say how long the run will take; with train_minutes, fit its steps and LR schedule to it."""
+    started = time.perf_counter()
+    step_seconds, grid_seconds = time_training(config, accelerator, model, noise_scheduler, train_dataloader)
+    if config.train_minutes:  # the minutes spent timing count against the budget
+        config = fit_to_minutes(config, train_dataloader, step_seconds, grid_seconds, time.perf_counter() - started)
+        lr_scheduler = make_lr_scheduler(optimizer, config, train_dataloader)  # the cosine over the fitted steps
+    steps_per_epoch, max_steps = count_steps(config, train_dataloader)
+    first_step = resume_step(config)
+    grids = count_grids(config, steps_per_epoch, first_step, max_steps)
+    expected = (max_steps - first_step) * step_seconds + grids * grid_seconds
+    if max_steps > first_step:
+        accelerator.print(f"Expected time: {format_seconds(expected)} ({max_steps - first_step:,} steps of "
+                          f"{format_seconds(step_seconds)} and {grids} sample grids of {format_seconds(grid_seconds)}, "
+                          "timed here on a few steps)")
+    return config, lr_scheduler, expected
+
+
+def time_training(config, accelerator, model, noise_scheduler, train_dataloader, max_seconds=3.0):
+    """Seconds per optimizer step and per sample grid on this machine: a throwaway copy trains a few steps."""
+    import copy
+
+    device = accelerator.device
+    trial = copy.deepcopy(model).to(device).train()
+    optimizer = torch.optim.AdamW(trial.parameters(), lr=config.learning_rate)
+    ema_model = make_ema_model(config, trial)
+    batch = train_dataloader.dataset[:config.train_batch_size][0].to(device)  # the cached images, not the loader's order
+    timings = []
+    gpus = [device] if device.type != "cpu" else []
+    with torch.random.fork_rng(devices=gpus, device_type=device.type if gpus else "cuda"):  # the run's seeds stay
+        while len(timings) < 2 + 2 or (len(timings) < 2 + 20 and sum(timings[2:]) < max_seconds):  # 2 warm-up steps
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(config.gradient_accumulation_steps):  # the work of a step, on the copy alone
+                clean_images = batch.float() / 127.5 - 1
+                noise = torch.randn_like(clean_images)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), device=device)
+                with accelerator.autocast():
+                    prediction = trial(noise_scheduler.add_noise(clean_images, noise, timesteps), timesteps).sample
+                target = training_target(noise_scheduler, clean_images, noise, timesteps)
+                (prediction.float() - target).square().mean().backward()
+            torch.nn.utils.clip_grad_norm_(trial.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema_model is not None:
+                ema_model.step(trial.parameters())
+            synchronize(device)
+            timings.append(time.perf_counter() - start)
+        with accelerator.autocast():
+            pass_seconds = time_unet_pass(trial.eval(), math.ceil(config.eval_batch_size / accelerator.num_processes))
+    measured = torch.tensor([sorted(timings[2:])[len(timings[2:]) // 2], pass_seconds], device=device)
+    step_seconds, pass_seconds = accelerator.gather(measured.reshape(1, 2)).max(dim=0).values.tolist()  # the slowest process
+    return step_seconds, pass_seconds * config.eval_inference_steps
+
+
+def fit_to_minutes(config, train_dataloader, step_seconds, grid_seconds, spent_seconds=0.0):
+    """The config with as many optimizer steps as fit in train_minutes, its sample grids included."""
+    import dataclasses
+    import json
+
+    from accelerate import PartialState
+
+    steps_per_epoch, _ = count_steps(config, train_dataloader)
+    budget_file = os.path.join(config.output_dir, "train_minutes.json")  # a resumed run keeps its step count
+    if config.resume_from_checkpoint and os.path.isfile(budget_file):
+        steps = json.load(open(budget_file))["max_train_steps"]
+    else:
+        budget = config.train_minutes * 60 - spent_seconds
+
+        def seconds(steps):  # the steps decide how many grids there are, and the grids take time too
+            return steps * step_seconds + count_grids(config, steps_per_epoch, 0, steps) * grid_seconds
+
+        low, high = 1, max(1, int(budget / step_seconds))  # the most steps whose time fits: a binary search
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if seconds(middle) <= budget else (low, middle - 1)
+        steps = low
+        if PartialState().is_main_process:
+            with open(budget_file, "w") as file:
+                json.dump({"train_minutes": config.train_minutes, "max_train_steps": steps}, file)
+    return dataclasses.replace(config, max_train_steps=steps, num_epochs=math.ceil(steps / steps_per_epoch),
+                               train_minutes=None)  # the steps are fixed now
+
+
+def count_grids(config, steps_per_epoch, first_step, max_steps):
+    """How many sample grids evaluate_and_save makes between optimizer steps first_step and max_steps."""
+    first_epoch, last_epoch = first_step // steps_per_epoch, math.ceil(max_steps / steps_per_epoch) - 1
+    return sum((epoch + 1) % config.save_image_epochs == 0 or epoch == last_epoch
+               for epoch in range(first_epoch, last_epoch + 1)) if max_steps > first_step else 0
+
+
+def synchronize(device):
+    """Wait for a GPU (CUDA or MPS) to finish its queued work, so that a clock times the work, not its launch."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def count_steps(config, train_dataloader):
     """Optimizer steps per epoch (batches / accumulation) and in the whole run (max_train_steps caps it)."""
     steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
@@ -570,11 +790,17 @@ def resume_run(config, accelerator, ema_model=None):
     resume_from = find_resume_checkpoint(config)
     if not resume_from:
         return 0
-    accelerator.print(f"Resuming from {resume_from}")
+    accelerator.print(f"Resuming from {shown_path(resume_from)}")
     accelerator.load_state(resume_from)  # model, optimizer, LR schedule, scaler, EMA, random states
     if ema_model is not None:
         ema_model.to(accelerator.device)  # load_state reads the EMA weights onto the CPU
-    return int(resume_from.rstrip("/").rsplit("-", 1)[1])
+    return resume_step(config)
+
+
+def resume_step(config):
+    """The optimizer step a run starts from: that of the checkpoint it resumes, else 0."""
+    resume_from = find_resume_checkpoint(config, quiet=True)
+    return int(resume_from.rstrip("/").rsplit("-", 1)[1]) if resume_from else 0
 
 
 def epochs_left(config, train_dataloader, global_step):
@@ -599,10 +825,11 @@ def epoch_batches(config, accelerator, train_dataloader, epoch, global_step):
 
 
 class LossLog:
-    """The loss summed on the device, logged every logging_steps, a progress bar, and a stop at the first NaN."""
+    """The loss summed on the device, logged every logging_steps, a progress bar, the run's clock, a stop at the first NaN."""
 
-    def __init__(self, config, accelerator, train_dataloader):
+    def __init__(self, config, accelerator, train_dataloader, expected_seconds=None):
         self.config, self.accelerator, self.bar = config, accelerator, None
+        self.expected_seconds, self.run_start = expected_seconds, time.perf_counter()
         self.steps_per_epoch, self.max_steps = count_steps(config, train_dataloader)
         self.loss_sum = torch.zeros((), device=accelerator.device)  # no host sync per step
         self.first_bad_step = torch.full((), -1, device=accelerator.device, dtype=torch.long)
@@ -620,12 +847,12 @@ class LossLog:
 
     def step(self, step, lr):
         """Count optimizer step `step` on this epoch's bar; every logging_steps (and at the last step) write the loss."""
-        if self.bar is None:  # the epoch's first step (quiet when TQDM_DISABLE=1, and off the main process)
+        if self.bar is None:  # the epoch's first step (quiet off the main process, and when TQDM_DISABLE is set)
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.steps_per_epoch, initial=(step - 1) % self.steps_per_epoch,
                             desc=f"Epoch {(step - 1) // self.steps_per_epoch}",
-                            disable=not self.accelerator.is_local_main_process)
+                            disable=not self.accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")))
         self.bar.update(1)
         if step % self.config.logging_steps == 0 or step == self.max_steps:
             self.write(step, lr)
@@ -685,7 +912,8 @@ def evaluate_and_save(config, epoch, accelerator, model, ema_model, noise_schedu
         unet.eval()
         pipeline = DDPMPipeline(unet=unet, scheduler=make_scheduler(config.eval_sampler, noise_scheduler))
         pipeline.set_progress_bar_config(disable=True)
-        evaluate(config, epoch, pipeline)
+        grid = evaluate(config, epoch, pipeline)
+        log_grid(accelerator, grid, min((epoch + 1) * log.steps_per_epoch, log.max_steps))  # to TensorBoard
         unet.train()
         if log.last:
             accelerator.print(f"epoch {epoch + 1}/{config.num_epochs}, step {log.last['step']}: loss {log.last['loss']:.3f}, "
@@ -728,6 +956,13 @@ def evaluate(config, epoch, pipeline):
     return None
 
 
+def log_grid(accelerator, grid, step):
+    """Add a sample grid (a PIL image; None off the main process) to the run's TensorBoard logs, beside the loss."""
+    if grid is not None and accelerator.is_main_process:
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)  # a torch.utils.tensorboard SummaryWriter
+        writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+
+
 def grid_shape(num_images):
     """(rows, columns) of the most nearly square grid that holds exactly num_images images."""
     rows = int(math.sqrt(num_images))
@@ -737,12 +972,16 @@ def grid_shape(num_images):
 
 
 def finish_run(config, accelerator, hub, global_step, log):
-    """Close the logs, wait for Hub uploads, and return the run's step count and throughput."""
+    """Close the logs, wait for Hub uploads, say how long the run took against its expected time, and return its figures."""
     accelerator.end_training()
     for future in hub["uploads"]:
         wait_for_upload(config, hub["repo_id"], future)
+    seconds = time.perf_counter() - log.run_start
+    if log.last is not None and log.expected_seconds is not None:  # it trained: not a finished run resumed
+        accelerator.print(f"Trained to step {global_step:,} in {format_seconds(seconds)}; expected before the first "
+                          f"step: {format_seconds(log.expected_seconds)}")
     return {"global_step": global_step, "epochs": math.ceil(global_step / log.steps_per_epoch),
-            "images_per_second": log.images_per_second()}
+            "images_per_second": log.images_per_second(), "seconds": seconds, "expected_seconds": log.expected_seconds}
 
 
 # --------------------------------------------------------------------------- 06 sampling
@@ -768,7 +1007,8 @@ def make_scheduler(name, config_or_scheduler):
     # DDPM and DDIM clip their estimate of the clean image to [-1, 1] (clip_sample). DPM-Solver++ and
     # UniPC have no clip_sample; without their equivalent, thresholding to 1.0, an imperfect noise
     # estimate at t near T (divided by sqrt(alpha_bar_T) = 0.006) blows the sample up. Their dynamic
-    # thresholding bounds its scale s to [1, sample_max_value] = [1, 1]: the same clip to [-1, 1].
+    # thresholding bounds its scale s to [1, sample_max_value] = [1, 1]: the same clip to [-1, 1], whatever the
+    # torch.quantile it calls returns (on MPS, unsorted values: pytorch #101878).
     # Euler has neither and does not clip.
     extra = dict(thresholding=True, sample_max_value=1.0) if name in ("dpm++", "sde-dpm++", "unipc") else {}
     if name == "sde-dpm++":
@@ -791,7 +1031,7 @@ def sample(unet, scheduler, noise, num_inference_steps, generator=None, callback
     extra = {"generator": generator} if takes_generator else {}
     for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(x, t)
-        noise_pred = unet(model_input, t).sample  # the model's estimate of the noise in x_t
+        noise_pred = unet(model_input, t).sample  # the model's output: its estimate of the noise in x_t (or of v)
         x = scheduler.step(noise_pred, t, x, **extra).prev_sample  # x_t -> x_{t-1}
         if callback is not None:
             callback(i, t, x)
@@ -840,12 +1080,10 @@ def time_unet_pass(unet, batch_size, repeats=5):
     x = torch.randn(batch_size, unet.config.in_channels, size, size, device=unet.device, dtype=unet.dtype)
     timings = []
     for _ in range(1 + repeats):  # the first pass also allocates memory and picks kernels: not counted
-        if unet.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(unet.device)
         start = time.perf_counter()
         unet(x, 500)
-        if unet.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(unet.device)  # a GPU runs the pass after the call returns: wait for it
         timings.append(time.perf_counter() - start)
     return sorted(timings[1:])[repeats // 2]  # the median: one slow pass (another process, a page fault) does not count
 
@@ -982,10 +1220,15 @@ class InceptionFeatures(torch.nn.Module):
     def __init__(self, network):
         super().__init__()
         self.network = network
+        self.last = None  # (images, their features): FID and KID each ask for the same batch's features
 
     def forward(self, images):
+        if self.last is not None and self.last[0] is images and self.last[1] == images._version:
+            return self.last[2]  # the batch KID asks for right after FID: computed once
         x = F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
-        return self.network(x / 128.0 - 1.0)  # 0 -> -1 and 255 -> 0.9921875, the range it was trained on
+        features = self.network(x / 128.0 - 1.0)  # 0 -> -1 and 255 -> 0.9921875, the range it was trained on
+        self.last = (images, images._version, features)
+        return features
 
 
 def make_fid_kid(feature_extractor, kid_subset_size=100):
@@ -1004,8 +1247,9 @@ def add_real_images(fid, kid, images, batch_size=50):
     """Feed the reference images to FID and KID once (uint8 in, features kept across reset())."""
     images = check_images(images, "real images")
     for batch in images.split(batch_size):
-        fid.update(batch.to(fid.device), real=True)
-        kid.update(batch.to(kid.device), real=True)
+        batch = batch.to(fid.device)  # one tensor for both: the Inception features are computed once
+        fid.update(batch, real=True)
+        kid.update(batch, real=True)
 
 
 def fid_kid_scores(fid, kid, images, batch_size=50, seed=0):
@@ -1021,8 +1265,9 @@ def fid_kid_scores(fid, kid, images, batch_size=50, seed=0):
     fid.reset()
     kid.reset()
     for batch in images.split(batch_size):
-        fid.update(batch.to(fid.device), real=False)
-        kid.update(batch.to(kid.device), real=False)
+        batch = batch.to(fid.device)
+        fid.update(batch, real=False)
+        kid.update(batch, real=False)
     with torch.random.fork_rng(devices=[]):  # KID's subsets use the global RNG: seed it, then restore it
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
@@ -1050,7 +1295,7 @@ def hub_error_message(dataset_name, err):
 
     text = f"{type(err).__name__}: {err}"
     local = (
-        f"(It was read as a Hub id because there is no folder {dataset_name!r} in {os.getcwd()!r}.) "
+        f"(It was read as a Hub id because there is no folder {dataset_name!r} in {shown_path(os.getcwd())!r}.) "
         "To train on your own images, or with no network, set dataset_name to a local folder of "
         "images, e.g. TrainingConfig(dataset_name='path/to/my_images')."
     )
@@ -1118,18 +1363,50 @@ def last_output_dir(default="ddpm-butterflies-quick"):
     return default
 
 
+RUN_SETTINGS_FILE = "training_config.json"  # in output_dir: the TrainingConfig the run trained with
+
+
+def save_run_settings(config):
+    """Write the run's TrainingConfig to output_dir/training_config.json, for the notebooks after 05."""
+    import dataclasses
+    import json
+
+    with open(os.path.join(config.output_dir, RUN_SETTINGS_FILE), "w") as file:
+        json.dump(dataclasses.asdict(config), file, indent=1)
+
+
+def run_settings(output_dir):
+    """The TrainingConfig fields of the run saved in output_dir, as a dict ({} for a pipeline from elsewhere)."""
+    import json
+
+    path = os.path.join(output_dir, RUN_SETTINGS_FILE)
+    return json.load(open(path)) if os.path.isfile(path) else {}
+
+
+def shown_path(path):
+    """A path as the notebooks print it: relative to the course's folder when in or near it, so no machine's folders show."""
+    course, full = os.path.dirname(os.path.abspath(__file__)), os.path.abspath(path)
+    if not (os.path.isabs(path) or os.path.exists(full)):
+        return str(path)  # a Hub id, or a name relative to the notebook's folder
+    try:
+        relative = os.path.relpath(full, course)
+    except ValueError:  # Windows: another drive
+        return str(path)
+    return relative if not relative.startswith(os.path.join("..", "..", "..")) else str(path)  # near the course
+
+
 def has_trained_model(output_dir):
     """True if output_dir holds a saved pipeline or a checkpoint."""
     return os.path.exists(os.path.join(output_dir, "model_index.json")) or bool(checkpoints_in(output_dir))
 
 
-def find_resume_checkpoint(config):
+def find_resume_checkpoint(config, quiet=False):
     """The checkpoint folder to resume from, or None to start fresh; raises if a named one is missing."""
     if not config.resume_from_checkpoint:
         return None
     if config.resume_from_checkpoint == "latest":
         found = checkpoints_in(config.output_dir)
-        if not found:
+        if not found and not quiet:
             print(f"No checkpoint in {config.output_dir!r} yet: starting a new training run.")
         return found[-1] if found else None
     path = config.resume_from_checkpoint
@@ -1159,7 +1436,8 @@ def prepare_output_dir(config):
     """Refuse to train over an earlier run unless told to resume or overwrite; clear it on overwrite."""
     check_output_dir(config)
     if not config.resume_from_checkpoint and has_trained_model(config.output_dir):
-        for name in PIPELINE_FILES + ("samples", "logs", ".tmp-pipeline", "samplers.csv"):  # 06 writes samplers.csv
+        for name in PIPELINE_FILES + ("samples", "logs", ".tmp-pipeline", "samplers.csv", RUN_SETTINGS_FILE,
+                                      "train_minutes.json"):  # 07 writes samplers.csv
             remove_path(os.path.join(config.output_dir, name))
         for path in checkpoints_in(config.output_dir) + glob.glob(os.path.join(config.output_dir, "checkpoint-*.tmp")):
             remove_path(path)  # also unfinished checkpoint-<step>.tmp folders of a killed run
@@ -1329,7 +1607,7 @@ def parse_config(argv=None):
     import argparse
     import dataclasses
 
-    parser = argparse.ArgumentParser(description="Train the course's diffusion model (see README).")
+    parser = argparse.ArgumentParser(description="Train the course's diffusion model (see docs/several-gpus.md).")
     for f in dataclasses.fields(TrainingConfig):
         parser.add_argument(f"--{f.name}", type=str, default=None, help=f"default: {f.default!r}")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}

@@ -39,7 +39,7 @@ def train_peer(images, out, epochs=30, batch_size=64, seed=0):
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=batch_size, shuffle=True)
     bf16 = helpers.resolve_mixed_precision("auto") == "bf16"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = helpers.pick_device()  # CUDA, else MPS, else the CPU
     model.to(device)
     start, losses = time.perf_counter(), []
     for epoch in range(epochs):

@@ -34,7 +34,7 @@ def main():
         fid.update(batch, real=True)
     print(f"model | sampler | steps | FID ({args.samples} samples) | seconds per 16 images")
     for path, pipeline in pipelines.items():
-        unet = pipeline.unet.eval()
+        unet = pipeline.unet.to(helpers.pick_device()).eval()  # CUDA, else MPS, else the CPU
         for spec in args.samplers:
             name, steps = spec.split(":")
             fake, seconds = helpers.generate_images(unet, helpers.make_scheduler(name, pipeline.scheduler),

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, write_images
 
 
@@ -83,3 +84,19 @@ def test_sampler_fid_scores_saved_pipelines_with_each_sampler(tmp_path):
     rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith(str(tmp_path))]
     assert [(r[1], r[2]) for r in rows] == [("ddim", "2"), ("sde-dpm++", "2")], run.stdout
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows), run.stdout
+
+
+def test_preset_time_fits_a_train_minutes_budget_and_reports_how_far_it_ended_from_it(tmp_path):
+    """The benchmark behind the train_minutes figure: it runs, saves a model and a last grid, and reports."""
+    images = write_images(str(tmp_path / "images"), 20)
+    out = tmp_path / "budget.json"
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "preset_time.py"), "--preset", "quick",
+               "--data", images, "--train-minutes", "0.2", "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=str(tmp_path), timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["train_minutes"] == 0.2 and report["saved_model"] and report["last_grid"]
+    assert report["off_budget"] == pytest.approx(report["train_seconds"] / 12 - 1)
+    assert 0 < report["global_step"] and 0 < report["expected_seconds"]
+    assert "off the 0.2-minute budget" in run.stdout

@@ -126,7 +126,8 @@ def test_a_relative_folder_that_does_not_exist_is_named_in_the_hub_message():
     with pytest.raises(RuntimeError) as info:
         helpers.load_image_dataset("data/butterflies")
     message = str(info.value)
-    assert "no folder" in message and "'data/butterflies'" in message and os.getcwd() in message
+    assert "no folder" in message and "'data/butterflies'" in message
+    assert f"in {helpers.shown_path(os.getcwd())!r}" in message  # the folder it looked in, from the course's root
 
 
 # --------------------------------------------------------------------------- local folders
@@ -412,9 +413,10 @@ def test_batch_size_larger_than_the_dataset():
     assert len(helpers.make_dataloader(images, helpers.TrainingConfig(train_batch_size=5))) == 1
 
 
-def fake_machine(monkeypatch, gpu=None, cpu_bf16=False):
-    """Fake the hardware: gpu None (no GPU), "t4" (bf16 only emulated) or "h100" (bf16 tensor cores)."""
+def fake_machine(monkeypatch, gpu=None, cpu_bf16=False, mps=False):
+    """Fake the hardware: gpu None (no GPU), "t4" (bf16 only emulated) or "h100" (bf16 tensor cores); mps: Apple's GPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
 
     def is_bf16_supported(including_emulation=True):
         return gpu == "h100" or (gpu == "t4" and including_emulation)
@@ -452,9 +454,13 @@ def test_bf16_on_a_cpu_only_where_it_is_native(monkeypatch):
     assert "computes bf16 natively" in str(info.value) and "'no'" in str(info.value)
 
 
-def test_cpu_has_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
+def test_cpu_has_native_bf16_reads_the_cpu_flags_on_old_torch(monkeypatch, tmp_path):
+    """Where torch cannot say (before torch.cpu._is_avx512_bf16_supported), the flags Linux lists decide."""
     import builtins
 
+    import torch.cpu
+
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     real_open = builtins.open
     for flags, expected in [("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16 amx_tile", True),
                             ("fpu sse avx2 fma", False)]:
@@ -476,6 +482,7 @@ def test_launcher_versions_that_cannot_fork_are_refused_with_the_fix(monkeypatch
                                                                      num_processes, refused):
     import accelerate
 
+    fake_machine(monkeypatch, gpu="h100")
     monkeypatch.setattr(accelerate, "__version__", accelerate_version)
     monkeypatch.setattr(torch, "__version__", torch_version)
     if not refused:
@@ -599,3 +606,89 @@ def test_augment_batch_scales_to_minus_one_one_and_flips_about_half():
     assert torch.equal(out[flipped][..., 1], torch.full_like(out[flipped][..., 1], -1.0))
     assert 0.45 < flipped.float().mean().item() < 0.55
     assert torch.equal(out[~flipped], batch[~flipped].float() / 127.5 - 1)
+
+
+def test_bf16_detection_needs_no_proc_cpuinfo(monkeypatch):
+    """macOS and Windows have no /proc/cpuinfo: the answer comes from torch's own CPU query, unchanged without it."""
+    import builtins
+
+    answer = helpers.cpu_has_native_bf16()
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        assert answer == ("avx512_bf16" in flags or "amx_bf16" in flags)  # the same answer as the CPU's own flags
+    except OSError:
+        pass
+    real_open = builtins.open
+
+    def no_cpuinfo(path, *args, **kwargs):
+        if str(path).startswith("/proc/cpuinfo"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    assert helpers.cpu_has_native_bf16() is answer
+
+
+def test_the_device_is_cuda_then_mps_then_cpu(monkeypatch):
+    fake_machine(monkeypatch, gpu="h100", mps=True)
+    assert helpers.pick_device() == "cuda"
+    fake_machine(monkeypatch, gpu=None, mps=True)
+    assert helpers.pick_device() == "mps"
+    fake_machine(monkeypatch, gpu=None, mps=False)
+    assert helpers.pick_device() == "cpu"
+
+
+@pytest.mark.parametrize("accelerate_version, torch_version, macos_14, auto, accepted", [
+    ("1.16.0", "2.14.1", True, "fp16", {"fp16", "bf16"}),  # accelerate >= 1.11 (PR #3373), torch >= 2.8
+    ("1.16.0", "2.7.1", True, "bf16", {"bf16"}),  # fp16 on MPS needs torch 2.8's GradScaler
+    ("1.16.0", "2.7.1", False, "no", set()),  # bf16 on MPS needs macOS 14
+    ("1.10.1", "2.14.1", True, "no", set()),  # before accelerate 1.11 neither was allowed on MPS
+])
+def test_mixed_precision_on_mps_follows_the_installed_versions(monkeypatch, accelerate_version, torch_version,
+                                                               macos_14, auto, accepted):
+    import accelerate
+
+    fake_machine(monkeypatch, gpu=None, cpu_bf16=True, mps=True)
+    monkeypatch.setattr(accelerate, "__version__", accelerate_version)
+    monkeypatch.setattr(torch, "__version__", torch_version)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos_14, raising=False)
+    assert helpers.resolve_mixed_precision("auto") == auto
+    helpers.check_config(helpers.TrainingConfig(mixed_precision="auto"))
+    helpers.check_config(helpers.TrainingConfig(mixed_precision="no"))
+    for precision in ("fp16", "bf16"):
+        if precision in accepted:
+            helpers.check_config(helpers.TrainingConfig(mixed_precision=precision))
+            continue
+        with pytest.raises(ValueError) as info:
+            helpers.check_config(helpers.TrainingConfig(mixed_precision=precision))
+        message = str(info.value)
+        assert f"mixed_precision={precision!r} on Apple's MPS" in message and "accelerate >= 1.11" in message
+        assert f"accelerate {accelerate_version}" in message and f"it picks {auto!r} here" in message
+
+
+def test_several_processes_are_refused_on_windows_naming_accelerate_launch(monkeypatch):
+    fake_machine(monkeypatch, gpu="h100")
+    monkeypatch.setattr(helpers.sys, "platform", "win32")
+    with pytest.raises(RuntimeError) as info:
+        helpers.check_launcher(2)
+    message = str(info.value)
+    assert "num_processes=2" in message and "Windows" in message and "fork" in message
+    assert "num_processes=1" in message and "accelerate launch --multi_gpu --num_processes 2 helpers.py" in message
+    helpers.check_launcher(1)  # one process: nothing forks
+
+
+@pytest.mark.parametrize("mps, words", [(True, "Apple's MPS, a single device"), (False, "its CPU")])
+def test_several_processes_are_refused_without_cuda(monkeypatch, mps, words):
+    """On MPS or a CPU, notebook_launcher's processes would be unsynchronised copies of the same run."""
+    fake_machine(monkeypatch, gpu=None, mps=mps)
+    with pytest.raises(RuntimeError) as info:
+        helpers.check_launcher(2)
+    assert words in str(info.value) and "Set num_processes=1" in str(info.value)
+    helpers.check_launcher(1)
+
+
+def test_train_minutes_cannot_be_given_with_max_train_steps():
+    with pytest.raises(ValueError, match=r"train_minutes=5 with max_train_steps=100.*max_train_steps=None"):
+        helpers.check_config(helpers.TrainingConfig(train_minutes=5, max_train_steps=100))
+    with pytest.raises(ValueError, match=r"train_minutes=0 .*positive"):
+        helpers.check_config(helpers.TrainingConfig(train_minutes=0))

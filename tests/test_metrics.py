@@ -120,6 +120,31 @@ def test_the_shipped_inception_gives_fid_near_zero_for_a_set_against_itself_and_
     assert other["fid"] > 100 and other["kid"] > 0.1, other
 
 
+def test_fid_and_kid_share_each_batchs_inception_features():
+    """torchmetrics' FID and KID each call the feature extractor: each batch goes through the network once."""
+    calls = []
+
+    class Network(torch.nn.Module):  # a stand-in for Inception: a fixed projection of each image, counted
+        projection = torch.randn(3 * 16, 2048, generator=torch.Generator().manual_seed(0))
+
+        def forward(self, x):
+            calls.append(len(x))
+            return F.adaptive_avg_pool2d(x, 4).flatten(1) @ self.projection
+
+    real, fake = smooth_images(8), torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8,
+                                                 generator=torch.Generator().manual_seed(1))
+    fid, kid = helpers.make_fid_kid(helpers.InceptionFeatures(Network()), kid_subset_size=4)
+    helpers.add_real_images(fid, kid, real, batch_size=4)
+    shared = helpers.fid_kid_scores(fid, kid, fake, batch_size=4)
+    assert calls == [4] * 4  # two real and two generated batches, each once
+    # The same scores as with a separate extractor for each metric (no sharing at all):
+    fid2, _ = helpers.make_fid_kid(helpers.InceptionFeatures(Network()), kid_subset_size=4)
+    _, kid2 = helpers.make_fid_kid(helpers.InceptionFeatures(Network()), kid_subset_size=4)
+    helpers.add_real_images(fid2, kid2, real, batch_size=4)
+    assert helpers.fid_kid_scores(fid2, kid2, fake, batch_size=4) == shared
+    assert len(calls) == 4 + 8
+
+
 # --------------------------------------------------------------------------- sampling helpers
 
 
@@ -202,6 +227,21 @@ def test_multistep_samplers_clip_their_clean_image_estimate_like_ddpm(name):
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     images = helpers.sample(bad_noise_estimate, scheduler, noise, 10)
     assert images.abs().max() <= 1.0 + 1e-5  # without thresholding this reaches ~100
+
+
+def test_the_clip_does_not_depend_on_torch_quantile_which_mps_gets_wrong(monkeypatch):
+    """On MPS torch.quantile along a dim has returned unsorted values (pytorch #101878): with sample_max_value=1
+    the threshold is clamped to 1 whatever quantile says, so the samples are the same."""
+    from diffusers import DDPMScheduler
+
+    def bad_noise_estimate(x, t):
+        return type("Out", (), {"sample": torch.randn(x.shape, generator=torch.Generator().manual_seed(int(t)))})()
+
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    scheduler = helpers.make_scheduler("dpm++", DDPMScheduler(num_train_timesteps=1000))
+    right = helpers.sample(bad_noise_estimate, scheduler, noise, 10)
+    monkeypatch.setattr(torch, "quantile", lambda x, q, dim=None, **kwargs: x.select(dim, 0) * 7.0)  # nonsense
+    assert torch.equal(helpers.sample(bad_noise_estimate, scheduler, noise, 10), right)
 
 
 def test_sde_dpm_solver_adds_fresh_noise_and_drives_the_evaluation_pipeline(tiny_pipeline):

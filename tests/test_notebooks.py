@@ -24,7 +24,7 @@ assert ONLY <= set(NAMES), f"COURSE_NOTEBOOKS names no notebook here: {sorted(ON
 def reduced_parameters(tmp):
     """The CI sizes: a tiny model at 32 px for two epochs on generated images (full-size values stay in the notebooks)."""
     return dict(
-        dataset_name=os.path.join(tmp, "images"),
+        dataset_name=os.path.join(tmp, "data"),
         output_dir=os.path.join(tmp, "ddpm-test"),
         overwrite_output_dir=True,  # nbval re-runs 05 over the model that papermill's run saved
         image_size=32,
@@ -54,16 +54,18 @@ def executed(tmp_path_factory):
     import papermill
 
     tmp = str(tmp_path_factory.mktemp("course"))
-    write_images(os.path.join(tmp, "images"), 24)
-    # Executed copies go to tmp/notebooks, beside a link to helpers.py, as in the repository:
+    write_images(os.path.join(tmp, "data"), 24)
+    # Executed copies go to tmp/notebooks, beside links to helpers.py and images/, as in the repository:
     # papermill and nbval both run them with that folder as the working directory.
     os.makedirs(os.path.join(tmp, "notebooks"))
-    os.symlink(os.path.join(ROOT, "helpers.py"), os.path.join(tmp, "helpers.py"))
+    for name in ("helpers.py", "images"):
+        os.symlink(os.path.join(ROOT, name), os.path.join(tmp, name))
     values = reduced_parameters(tmp)
     results = {}
     for path in (os.path.join(ROOT, "notebooks", name) for name in RUN):
         declared = papermill.inspect_notebook(path)
-        params = {k: v for k, v in values.items() if k in declared}
+        follows_05 = os.path.basename(path) in ("06_sampling.ipynb", "07_quality.ipynb")  # its model and its data
+        params = {k: v for k, v in values.items() if k in declared and not (follows_05 and k in ("dataset_name", "output_dir"))}
         output = os.path.join(tmp, "notebooks", os.path.basename(path))
         try:
             papermill.execute_notebook(path, output, parameters=params, cwd=os.path.dirname(output),
@@ -91,6 +93,9 @@ def test_committed_notebook_shows_a_clean_real_run(name):
     assert "widgets" not in nb["metadata"] and "papermill" not in nb["metadata"]
     code = [c for c in cells if c["cell_type"] == "code"]
     assert "google.colab" in "".join(code[0]["source"]), "the first code cell installs on Colab only"
+    assert "".join(code[0]["source"]).startswith("#@title"), "Colab shows the setup cell as a collapsed form"
+    assert code[0]["metadata"].get("jupyter", {}).get("source_hidden") and code[0]["metadata"].get("cellView") == "form"
+    assert "parameters" in code[1]["metadata"].get("tags", []) and 'preset = "quick"' in "".join(code[1]["source"])
     assert any("nbval-check-output" in c.get("metadata", {}).get("tags", []) for c in code), "nothing for nbval to check"
     shown = "".join("".join(c["source"]) for c in cells)
     for plumbing in ("NBVAL", "papermill", "figures_dir", "save_figure"):  # test plumbing stays out of the reader's view
@@ -102,6 +107,10 @@ def test_committed_notebook_shows_a_clean_real_run(name):
     assert not [o for o in outputs if o.get("name") == "stderr" and "IProgress not found" in "".join(o["text"])]
     note = "".join(cells[1]["source"]) if cells[1]["cell_type"] == "markdown" else ""
     assert "outputs on this page" in note and "real run on 20" in note, "the run that made the outputs is named"
+    assert len(note.splitlines()) == 1 and "../docs/committed-run.md" in note, "one line, linking to the run's details"
+    printed = "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    machine_paths = re.findall(r"(?<![\w.~])/(?:home|work|tmp|root|Users|content|mnt|opt)/[^\s'\"]*", printed)
+    assert not machine_paths, f"outputs print the paths of the machine that made them: {machine_paths[:3]}"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -118,13 +127,26 @@ def test_committed_notebook_shows_the_source_that_runs(name):
             assert listing.strip() == inspect.getsource(getattr(helpers, function)).strip(), (
                 f"{name} shows an old {function}: regenerate it (tools/make_outputs.py --only {name[:2]})")
             shown += 1
-    assert shown or name == "04_scheduler.ipynb", f"{name} shows no helper's source"
+    assert shown or name in ("01_config.ipynb", "04_scheduler.ipynb"), f"{name} shows no helper's source"
 
 
 @pytest.mark.parametrize("name", RUN)
 def test_notebook_runs_top_to_bottom_at_reduced_size(executed, name):
     output, error = executed[1][name]
     assert error is None, f"{name} failed; see {output}:\n{error}"
+
+
+def test_sampling_and_quality_follow_05s_model_and_data_with_no_parameter_set(executed):
+    """06 and 07 get no output_dir and no dataset_name: they find 05's run and the images it trained on."""
+    text = {name: "".join("".join(o.get("text", "")) for c in json.load(open(executed[1][name][0]))["cells"]
+                          for o in c.get("outputs", []))
+            for name in ("06_sampling.ipynb", "07_quality.ipynb") if name in executed[1]}
+    if not text:
+        pytest.skip("COURSE_NOTEBOOKS leaves out 06 and 07")
+    for name, printed in text.items():
+        assert "model folder: ddpm-test" in printed and "loaded from: ddpm-test" in printed, name
+    assert "real images: data" in text["07_quality.ipynb"]
+    assert "24 real images" in text["07_quality.ipynb"]
 
 
 def test_training_notebook_saved_a_loadable_pipeline_and_samples(executed):
@@ -148,22 +170,6 @@ def test_nbval_reproduces_the_checked_cells(executed):
     cells = sum(c["cell_type"] == "code" for path in outputs for c in json.load(open(path))["cells"])
     passed = re.search(r"(\d+) passed", run.stdout)
     assert passed and int(passed.group(1)) == cells, run.stdout[-2000:]  # every cell ran, none skipped
-
-
-def test_training_notebook_runs_to_its_end_when_the_run_is_shorter_than_a_checkpoint(tmp_path):
-    """A learner's short run (fewer steps than checkpointing_steps) has no checkpoint to resume: 05 says so."""
-    import papermill
-
-    write_images(str(tmp_path / "images"), 24)
-    os.makedirs(tmp_path / "notebooks")
-    os.symlink(os.path.join(ROOT, "helpers.py"), tmp_path / "helpers.py")
-    params = dict(reduced_parameters(str(tmp_path)), num_epochs=1, checkpointing_steps=500)
-    params = {k: v for k, v in params.items() if k in papermill.inspect_notebook(os.path.join(ROOT, "notebooks", "05_training.ipynb"))}
-    output = str(tmp_path / "notebooks" / "05_training.ipynb")
-    papermill.execute_notebook(os.path.join(ROOT, "notebooks", "05_training.ipynb"), output, parameters=params,
-                               cwd=str(tmp_path / "notebooks"), kernel_name="python3", progress_bar=False)
-    text = "".join("".join(o.get("text", "")) for c in json.load(open(output))["cells"] for o in c.get("outputs", []))
-    assert "saved no checkpoint" in text and "checkpointing_steps=500" in text
 
 
 def setup_cell(name):
@@ -219,3 +225,23 @@ def test_make_outputs_saves_the_figures_that_cells_name_with_a_footer(tmp_path):
     saved = Image.open(tmp_path / "05_loss.png")
     assert saved.size == (40, 46) and saved.getpixel((20, 10)) == (255, 0, 0)  # the figure, a footer below it
     assert os.listdir(tmp_path) == ["05_loss.png"]
+
+
+def test_the_front_page_shows_a_result_and_the_commands_first_and_links_the_rest():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    lines = readme.splitlines()
+    assert len(readme.split()) <= 1200, "the front page stays short: details go to docs/"
+    picture = next(i for i, line in enumerate(lines) if re.search(r"!\[[^\]]*\]\(images/[^)]+\.png\)", line))
+    assert picture < 15 and os.path.isfile(os.path.join(ROOT, re.search(r"\((images/[^)]+)\)", lines[picture]).group(1)))
+    assert next(i for i, line in enumerate(lines) if "pip install -r requirements.txt" in line) < 60
+    assert next(i for i, line in enumerate(lines) if "python -m pytest" in line) < 60
+    for page in re.findall(r"\]\((docs/[\w.-]+\.md)", readme):
+        assert os.path.isfile(os.path.join(ROOT, page)), page
+    assert "{{" not in readme
+
+
+def test_the_lessons_stay_short():
+    """At most 6,000 words of notebook markdown: short explanations beside short cells."""
+    words = sum(len("".join(c["source"]).split()) for path in NOTEBOOKS for c in json.load(open(path))["cells"]
+                if c["cell_type"] == "markdown")
+    assert words <= 6000, words

@@ -271,3 +271,89 @@ def test_resume_puts_the_ema_weights_back_on_the_training_device(tmp_path, image
     assert helpers.resume_run(resumed, on_meta, ema_model) == 6
     assert ema_model.optimization_step == 6  # the checkpoint's EMA was loaded, not a fresh one
     assert {p.device.type for p in ema_model.shadow_params} == {"meta"}
+
+
+def test_each_sample_grid_is_logged_to_tensorboard_beside_the_loss(tmp_path, image_folder):
+    import glob
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(tmp_path / "run")
+    train(config, image_folder)
+    (events,) = glob.glob(os.path.join(config.output_dir, "logs", "**", "events.*"), recursive=True)
+    accumulator = EventAccumulator(events, size_guidance={"images": 0})
+    accumulator.Reload()
+    logged = accumulator.Images("samples")
+    assert [event.step for event in logged] == [6, 12]  # the step each epoch's grid was sampled at
+    saved = np.asarray(Image.open(os.path.join(config.output_dir, "samples", "0001.png")).convert("RGB"))
+    from io import BytesIO
+
+    shown = np.asarray(Image.open(BytesIO(logged[-1].encoded_image_string)).convert("RGB"))
+    assert np.array_equal(shown, saved)  # the same pixels as samples/0001.png
+
+
+def test_the_run_reports_its_expected_and_its_measured_time(tmp_path, image_folder, capsys):
+    config = tiny_config(tmp_path / "run", save_image_epochs=1)
+    result = train(config, image_folder)
+    out = capsys.readouterr().out
+    assert "Expected time:" in out and "12 steps of" in out and "2 sample grids of" in out  # before the first step
+    assert "Trained to step 12 in" in out and "expected before the first step:" in out
+    assert 0 < result["expected_seconds"] and 0 < result["seconds"]
+    assert helpers.run_settings(config.output_dir)["dataset_name"] == config.dataset_name  # for 06 and 07
+
+
+def test_time_training_leaves_the_runs_random_numbers_and_weights_alone(tmp_path, image_folder):
+    """Timing trains a throwaway copy: the run's weights and seeded random streams are as without it."""
+    config = tiny_config(tmp_path / "run")
+    images = helpers.images_to_tensor(helpers.load_image_dataset(image_folder), config.image_size)
+    _, model, noise_scheduler, _, train_dataloader, _ = helpers.build_training(config, images)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerator = helpers.make_accelerator(config)
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    step_seconds, grid_seconds = helpers.time_training(config, accelerator, model, noise_scheduler, train_dataloader)
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert 0 < step_seconds and 0 < grid_seconds
+
+
+def test_train_minutes_fits_the_steps_and_the_lr_schedule_to_the_budget_and_a_resume_keeps_them(tmp_path, image_folder,
+                                                                                                 monkeypatch):
+    # A fake clock: each step takes 2 s and each sample grid 3 s, so 0.51 minutes (30.6 s) hold 12 steps and
+    # their 2 grids (12 * 2 + 2 * 3 = 30 s), not 13 (a third epoch, a third grid: 13 * 2 + 3 * 3 = 35 s).
+    monkeypatch.setattr(helpers, "time_training", lambda *args, **kwargs: (2.0, 3.0))
+    config = tiny_config(tmp_path / "run", train_minutes=0.51, num_epochs=100, save_image_epochs=1, checkpointing_steps=4)
+    images = helpers.images_to_tensor(helpers.load_image_dataset(image_folder), config.image_size)
+    args = helpers.build_training(config, images)
+    result = helpers.train_loop(*args)
+    assert result["global_step"] == 12 and result["epochs"] == 2
+    assert result["expected_seconds"] == pytest.approx(12 * 2.0 + 2 * 3.0)
+    out = config.output_dir
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["0000.png", "0001.png"]  # the last grid at the end
+    assert os.path.isfile(os.path.join(out, "model_index.json"))  # and the saved model
+    assert logged_steps(out)[-1] == 12
+    lrs = helpers.read_logged_scalars(out, "lr")[1]
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)  # the cosine reaches zero at the fitted last step
+    # Resuming the run keeps its 12 steps, however fast this machine now seems.
+    monkeypatch.setattr(helpers, "time_training", lambda *args, **kwargs: (0.1, 0.1))
+    resumed = train(dataclasses.replace(config, resume_from_checkpoint="checkpoint-8"), image_folder)
+    assert resumed["global_step"] == 12
+
+
+def test_time_unet_pass_waits_for_an_mps_gpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("sync"))
+
+    class MpsUNet:
+        config = type("Config", (), {"sample_size": 8, "in_channels": 3})()
+        device, dtype = torch.device("mps"), torch.float32
+
+        def __call__(self, x, t):
+            calls.append("pass")
+
+    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: None)  # no MPS tensor on this machine
+    helpers.time_unet_pass(MpsUNet(), 2, repeats=1)
+    assert calls == ["sync", "pass", "sync"] * 2  # the clock stops after the GPU has finished each pass

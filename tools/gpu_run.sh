@@ -50,7 +50,7 @@ stage() {  # stage NAME COMMAND...: run it, log it, record how it ended and how 
 }
 
 course_tar() {  # course_tar NAME: the committed outputs made so far
-  (cd "$WORK" && tar czf "$RES/$1" notebooks images $(ls -d runs/ddpm-butterflies-tutorial/samples \
+  (cd "$WORK" && tar czf "$RES/$1" notebooks images docs $(ls -d runs/ddpm-butterflies-tutorial/samples \
     runs/ddpm-butterflies-tutorial/README.md runs/ddpm-butterflies-tutorial/samplers.csv 2>/dev/null))
 }
 

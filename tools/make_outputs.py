@@ -3,11 +3,12 @@
     python tools/make_outputs.py --data path/to/butterfly/images
 
 Runs every notebook with papermill in the course's order of dependence (05 trains the model that 06 and
-07 sample from), with the photographs as a local folder: 01-04 at their full-size defaults, 05 with the
-quick preset (or --preset tutorial on a GPU), 06 and 07 on the model 05 saved. Each executed notebook is
-then cleaned (papermill's injected cell and metadata, widget state and progress-bar widgets removed, so the
-parameters cell keeps its defaults), given a note at its top naming the run, and written over
-notebooks/NN_*.ipynb. Training outputs go to runs/ (ignored by git).
+07 sample from), with the photographs as a local folder, every notebook at the same preset (quick, or
+--preset tutorial on a GPU), 06 and 07 on the model 05 saved. Each executed notebook is then cleaned
+(papermill's injected cell and metadata, widget state and progress-bar widgets removed, so the parameters
+cell keeps its defaults), given a one-line note at its top (the date, the time it took, a link to
+docs/committed-run.md, which this script writes with the data, machine, versions and changed parameters),
+and written over notebooks/NN_*.ipynb. Training outputs go to runs/ (ignored by git).
 """
 
 import argparse
@@ -18,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import papermill
 
@@ -41,7 +43,11 @@ def hardware(short=False):
         model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"a {os.cpu_count()}-core CPU ({model}), no GPU"
+    sys.path.insert(0, ROOT)
+    import helpers
+
+    bf16 = "bf16 autocast" if helpers.cpu_has_native_bf16() else "no native bf16, so float32"
+    return f"a {os.cpu_count()}-core CPU ({model}; {bf16}), no GPU"
 
 
 def versions():
@@ -53,13 +59,29 @@ def versions():
 
 def parameters_for(number, args, model_dir):
     """The papermill parameters of one notebook: only what differs from its committed defaults."""
-    data = os.path.abspath(args.data)
-    common = {"dataset_name": data}
+    common = {"preset": args.preset}
     if number == "05":
-        return {**common, "preset": args.preset, "output_dir": model_dir, "overwrite_output_dir": True}
+        return {**common, "dataset_name": os.path.abspath(args.data), "output_dir": model_dir, "overwrite_output_dir": True}
     if number in ("06", "07"):
-        return {**common, "output_dir": model_dir}
-    return common
+        return common  # their defaults: the model 05 trained last (notebooks/.last_run) and the data it recorded
+    return {**common, "dataset_name": os.path.abspath(args.data)}
+
+
+def write_run_page(record):
+    """docs/committed-run.md: what made each notebook's committed outputs (kept as JSON beside it)."""
+    lines = ["# The committed run", "",
+             "Every output in the notebooks and every figure in `images/` comes from this run of",
+             "`python tools/make_outputs.py`, one notebook at a time, in the order below. Paths are from the",
+             "repository's root; each notebook's parameters cell shows its defaults, and the run changed only these.", "",
+             "| notebook | date | time it took | machine | versions | data | parameters changed |", "|---|---|---|---|---|---|---|"]
+    for number in ORDER:
+        if number in record:
+            r = record[number]
+            lines.append(f"| {r['notebook']} | {r['date']} | {r['minutes']:.1f} min | {r['hardware']} | {r['versions']} | "
+                         f"{r['data']} | {r['changed']} |")
+    lines += ["", "Regenerate with `python tools/make_outputs.py --data <folder>` (add `--preset tutorial` on a GPU).", ""]
+    with open(os.path.join(ROOT, "docs", "committed-run.md"), "w") as file:
+        file.write("\n".join(lines))
 
 
 def save_figures(nb, images_dir, label):
@@ -124,6 +146,8 @@ def main():
     args = parser.parse_args()
 
     model_dir = os.path.join(ROOT, "runs", f"ddpm-butterflies-{args.preset}")
+    record_path = os.path.join(ROOT, "docs", "committed-run.json")
+    record = json.load(open(record_path)) if os.path.isfile(record_path) else {}
     out_dir = os.path.join(ROOT, "runs", "executed")
     os.makedirs(out_dir, exist_ok=True)
     count = len(glob.glob(os.path.join(args.data, "**", "*.*"), recursive=True))
@@ -141,13 +165,19 @@ def main():
         for name, value in params.items():
             command += ["-p", name, str(value)]
         print(f"{os.path.basename(source)}: running", flush=True)
+        start = time.perf_counter()
         subprocess.run(command, check=True, cwd=ROOT)
+        minutes = (time.perf_counter() - start) / 60
         changed = ", ".join(f"`{k}={os.path.relpath(v, ROOT) if isinstance(v, str) and os.path.isabs(v) else v!r}`"
-                            for k, v in params.items())
-        preset_flag = "" if args.preset == "quick" else f" --preset {args.preset}"
-        note = (f"> **The outputs on this page** come from a real run on {when}: {data_label}, on {hardware()}, "
-                f"with {versions()}. The parameters cell shows the defaults; this run changed (paths from the repository's root) {changed}. "
-                f"Regenerate with `python tools/make_outputs.py --data <folder>{preset_flag}`.")
+                            for k, v in params.items()) or "none"
+        on_gpu = "one " in hardware(short=True)
+        note = (f"> **The outputs on this page** come from a real run on {when}: {minutes:.1f} min on "
+                f"{'' if on_gpu else 'a '}{hardware(short=True)}{'' if on_gpu else ' (not yet timed on a GPU)'} "
+                "([data, machine, settings](../docs/committed-run.md)).")
+        record[number] = {"notebook": os.path.basename(source), "date": when, "minutes": minutes, "hardware": hardware(),
+                          "versions": versions(), "data": data_label, "changed": changed}
+        json.dump(record, open(record_path, "w"), indent=1)
+        write_run_page(record)
         nb = clean(output, note)
         figures = save_figures(nb, os.path.join(ROOT, "images"), label)
         print(f"{os.path.basename(source)}: figures {', '.join(figures) or 'none'}", flush=True)
