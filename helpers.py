@@ -39,6 +39,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 EVAL_SAMPLERS = ("ddpm", "ddim", "dpm++", "sde-dpm++")  # the samplers DDPMPipeline can drive
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")  # DDPMScheduler's noise schedules the course explains
 PIPELINE_FILES = ("model_index.json", "unet", "scheduler", "unet_raw")
+CLASS_NAMES_FILE = "class_names.json"  # 08: beside model_index.json, the class names in label order
 
 
 # --------------------------------------------------------------------------- 01 config
@@ -98,8 +99,18 @@ class TrainingConfig:
     ema_power: float = 0.75
     ema_max_decay: float = 0.9999
 
+    # Class conditioning and classifier-free guidance (notebook 08).
+    class_conditional: bool = False  # learn each image's class: its subfolder, or the dataset's label column
+    class_names: Optional[tuple] = None  # the classes in label order, from the data; index len(class_names) is "no class"
+    pretrained_model: Optional[str] = None  # start from this saved pipeline's U-Net (fine-tuning); None: from scratch
+    label_dropout: float = 0.15  # share of images trained as "no class", so one model learns both predictions
+    class_embedding_lr: float = 1e-2  # the class embedding's learning rate (it starts at zero), without weight decay
+    guidance_scale: float = 2.0  # w of the sample grids: unconditional + w × (conditional − unconditional)
+
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
+        if self.class_names is not None:
+            self.class_names = tuple(self.class_names)
         if self.down_block_types is None:
             self.down_block_types = default_down_block_types(len(self.block_out_channels))
         if self.up_block_types is None:
@@ -224,6 +235,10 @@ def check_config(config):
             f"train_minutes={config.train_minutes} with max_train_steps={config.max_train_steps}: give a positive "
             "number of minutes and leave max_train_steps=None (the minutes decide the steps), or set train_minutes=None."
         )
+    if config.class_names is not None and len(config.class_names) < 2:
+        raise ValueError(f"class_names={config.class_names}: a class-conditional model needs at least two classes.")
+    if not 0 <= config.label_dropout < 1:
+        raise ValueError(f"label_dropout={config.label_dropout}: use a share in [0, 1), e.g. 0.15 (0: no guidance possible).")
     odd = [c for c in config.block_out_channels if c % 32]
     if odd:
         raise ValueError(
@@ -357,15 +372,15 @@ def load_image_dataset(dataset_name, split="train"):
         raise RuntimeError(hub_error_message(dataset_name, err)) from err
 
 
-def images_to_tensor(dataset, image_size, image_column=None):
-    """Decode and resize every image once into a uint8 N×3×H×W tensor, skipping unreadable files."""
+def images_to_tensor(dataset, image_size, image_column=None, labels=None):
+    """Decode and resize every image once into a uint8 N×3×H×W tensor, skipping unreadable files (and their labels)."""
     from datasets import Image as ImageFeature
     from tqdm.auto import tqdm
 
     image_column = image_column or find_image_column(dataset)
     records = dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]
     decode = make_decode_transform(image_size)
-    tensors, skipped = [], []
+    tensors, skipped, kept = [], [], []
     for index, record in enumerate(tqdm(records, desc="Decoding images", leave=False)):
         name = record.get("path") or f"row {index}"
         try:
@@ -374,6 +389,7 @@ def images_to_tensor(dataset, image_size, image_column=None):
                     image.draft("RGB", (image_size, image_size))  # decode big JPEGs at a reduced scale
                 image.load()
                 tensors.append(decode(image_to_rgb(image)))
+                kept.append(index)
         except Exception as err:  # PIL raises many types for truncated or non-image files
             skipped.append(f"{name} ({type(err).__name__}: {err})")
     if skipped:
@@ -386,7 +402,63 @@ def images_to_tensor(dataset, image_size, image_column=None):
             f"None of the {len(records)} images could be read (see the warning above): check that the "
             "files are complete images, e.g. by opening a few of them."
         )
-    return torch.stack(tensors)
+    return torch.stack(tensors) if labels is None else (torch.stack(tensors), labels[kept])
+
+
+def labelled_images(dataset_name, image_size, label_column=None):
+    """08: the uint8 image cache, each image's class index beside it, and the class names; the labels are checked first."""
+    try:
+        dataset = load_image_dataset(dataset_name)
+    except RuntimeError as err:  # the Hub cannot be reached, or has no such dataset
+        raise RuntimeError(f"{err}\nFor a class-conditional model: {LABELLED_LAYOUT}") from err
+    labels, class_names = image_labels(dataset, label_column)
+    images, labels = images_to_tensor(dataset, image_size, labels=labels)
+    return images, labels, class_names
+
+
+def image_labels(dataset, label_column=None):
+    """Each image's class (int64) and the class names, from a ClassLabel column (imagefolder: the subfolders) or a named one."""
+    from datasets import ClassLabel
+
+    found = [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
+    label_column = label_column or (found[0] if found else None)
+    if label_column is None or label_column not in dataset.features:
+        raise ValueError(no_labels_message(dataset, label_column))
+    feature = dataset.features[label_column]
+    values = dataset[label_column]
+    if isinstance(feature, ClassLabel):
+        class_names = list(feature.names)
+    else:  # a column of names or numbers: its distinct values, sorted, are the classes
+        class_names = sorted({str(value) for value in values})
+        values = [class_names.index(str(value)) for value in values]
+    labels = torch.tensor(values, dtype=torch.long)
+    counts = torch.bincount(labels, minlength=len(class_names)).tolist()
+    if sum(count > 0 for count in counts) < 2:
+        raise ValueError(
+            f"The column {label_column!r} gives every image the same class ({class_names[int(labels[0])]!r}): "
+            "conditioning needs at least two classes. Put each class's images in a subfolder of its own "
+            "(data/monarch/*.png, data/cabbage_white/*.png, ...), or train one class without labels in 05."
+        )
+    few = [f"{name} ({count})" for name, count in zip(class_names, counts) if count < 20]
+    if few:
+        warnings.warn(
+            f"{len(few)} class(es) have fewer than 20 images: {', '.join(few)}. The model sees them rarely and "
+            "will draw them worse; add images, or merge or remove those classes."
+        )
+    return labels, tuple(class_names)
+
+
+LABELLED_LAYOUT = ("give each class a subfolder of its own, named for the class: my_images/monarch/*.png, "
+                   "my_images/cabbage_white/*.png, ... (🤗 Datasets' imagefolder convention: the subfolder is the "
+                   "label), and set dataset_name to my_images; or use a Hub dataset with a label column (label_column).")
+
+
+def no_labels_message(dataset, label_column):
+    """Why the data has no labels a class-conditional model can learn, and the folder layout that gives them."""
+    if label_column:
+        return f"label_column={label_column!r} is not a column of this dataset ({list(dataset.features)}): " + LABELLED_LAYOUT
+    return (f"This dataset has no label column (its columns: {list(dataset.features)}): a folder with no class "
+            "subfolders, or only one, gives every image the same class. To fix it, " + LABELLED_LAYOUT)
 
 
 def make_decode_transform(image_size):
@@ -418,8 +490,8 @@ def image_to_rgb(image):
     return image.convert("RGB")
 
 
-def make_dataloader(images, config):
-    """A shuffling DataLoader over the cached uint8 images; each batch is one uint8 tensor."""
+def make_dataloader(images, config, labels=None):
+    """A shuffling DataLoader over the cached uint8 images (and their labels, 08); each batch is a tuple of tensors."""
     if len(images) < config.train_batch_size:
         raise ValueError(
             f"train_batch_size={config.train_batch_size} is larger than the dataset ({len(images)} "
@@ -427,7 +499,7 @@ def make_dataloader(images, config):
         )
     generator = torch.Generator().manual_seed(config.seed)
     return torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(images),
+        torch.utils.data.TensorDataset(images) if labels is None else torch.utils.data.TensorDataset(images, labels),
         batch_size=config.train_batch_size,
         shuffle=True,
         drop_last=True,  # every batch has the same shape
@@ -464,6 +536,7 @@ def make_model(config):
         block_out_channels=config.block_out_channels,  # the number of output channels for each UNet block
         down_block_types=config.down_block_types,
         up_block_types=config.up_block_types,
+        num_class_embeds=len(config.class_names) + 1 if config.class_names else None,  # 08: the classes and "no class"
     )
 
 
@@ -491,25 +564,69 @@ def time_training_step(config, batch_size, repeats=2):
 # --------------------------------------------------------------------------- 05 training
 
 
-def build_training(config, images):
+def build_training(config, images, labels=None):
     """The tutorial's train_loop arguments: config, model, noise scheduler, optimizer, DataLoader, LR schedule."""
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
 
+    check_labels(config, labels)
     set_seed(config.seed)  # the same initial weights on every process and every run
-    model = make_model(config)  # checks the config first
+    model = make_model(config) if config.pretrained_model is None else load_pretrained_unet(config)  # 08: fine-tuning
     noise_scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
                                     prediction_type=config.prediction_type)
-    train_dataloader = make_dataloader(images, config)
+    train_dataloader = make_dataloader(images, config, labels)
     optimizer = make_optimizer(model, config)
     lr_scheduler = make_lr_scheduler(optimizer, config, train_dataloader)
     return config, model, noise_scheduler, optimizer, train_dataloader, lr_scheduler
 
 
+def check_labels(config, labels):
+    """Refuse labels without class_names or class_names without labels (08), before anything is built."""
+    if (labels is None) != (config.class_names is None):
+        raise ValueError(
+            "A class-conditional run needs both the labels and config.class_names (08: images, labels, class_names = "
+            "labelled_images(...), then class_names=class_names in the config); an unconditional run neither."
+        )
+    if labels is not None and int(labels.max()) >= len(config.class_names):
+        raise ValueError(f"A label is {int(labels.max())}, but there are {len(config.class_names)} class_names.")
+
+
+def load_pretrained_unet(config):
+    """08: the U-Net of the pipeline saved in pretrained_model, with a zeroed class embedding added when class_names is set."""
+    from diffusers import UNet2DModel
+    from diffusers.utils import logging
+
+    if not os.path.isdir(os.path.join(config.pretrained_model, "unet")):
+        raise FileNotFoundError(
+            f"pretrained_model={config.pretrained_model!r} holds no saved pipeline (no unet/ folder): train one in "
+            "05_training.ipynb first, or set pretrained_model to the output_dir of a finished run (None: from scratch)."
+        )
+    extra = dict(num_class_embeds=len(config.class_names) + 1, low_cpu_mem_usage=False) if config.class_names else {}
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # not "class_embedding.weight was newly initialized": it is, on purpose
+    try:
+        unet = UNet2DModel.from_pretrained(config.pretrained_model, subfolder="unet", **extra)
+    finally:
+        logging.set_verbosity(verbosity)
+    if unet.config.sample_size != config.image_size:
+        raise ValueError(
+            f"pretrained_model={config.pretrained_model!r} draws {unet.config.sample_size} px images but "
+            f"image_size={config.image_size}: set image_size={unet.config.sample_size}, or fine-tune a model of that size."
+        )
+    if config.class_names:
+        torch.nn.init.zeros_(unet.class_embedding.weight)  # embedding 0 for every class: the model starts as it was
+    return unet.train()
+
+
 def make_optimizer(model, config):
-    """AdamW, fused on CUDA (one kernel for all parameters)."""
+    """AdamW, fused on CUDA (one kernel for all parameters); a class embedding (08) gets class_embedding_lr, no weight decay."""
     fused = torch.cuda.is_available()
-    return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, fused=fused)
+    embedding = getattr(model, "class_embedding", None)
+    if embedding is None:
+        return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, fused=fused)
+    rest = [p for name, p in model.named_parameters() if not name.startswith("class_embedding.")]
+    groups = [{"params": rest}, {"params": list(embedding.parameters()), "lr": config.class_embedding_lr, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused)
 
 
 def make_lr_scheduler(optimizer, config, train_dataloader):
@@ -533,8 +650,9 @@ def train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_s
     log = LossLog(config, accelerator, train_dataloader, expected)  # loss, progress bar, clock; stops at a NaN
 
     for epoch in epochs_left(config, train_dataloader, global_step):
-        for (batch,) in epoch_batches(config, accelerator, train_dataloader, epoch, global_step):
+        for batch, *labels in epoch_batches(config, accelerator, train_dataloader, epoch, global_step):
             clean_images = augment_batch(batch)  # x_0: flipped at random, in [-1, 1], on the device
+            class_labels = drop_labels(labels, config)  # 08: the classes, some "no class"; None: unconditional
             noise = torch.randn_like(clean_images)  # ε: Sample noise to add to the images
             bs = clean_images.shape[0]
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bs,),
@@ -542,7 +660,7 @@ def train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_s
             noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)  # x_t
 
             with accelerator.accumulate(model):
-                noise_pred = model(noisy_images, timesteps, return_dict=False)[0]  # ε (or v)
+                noise_pred = model(noisy_images, timesteps, class_labels=class_labels, return_dict=False)[0]  # ε (or v)
                 loss = diffusion_loss(noise_scheduler, noise_pred, clean_images, noise, timesteps,
                                       config.snr_gamma)  # the mean squared error, in float32
                 accelerator.backward(loss)
@@ -585,6 +703,15 @@ def diffusion_loss(noise_scheduler, model_output, clean_images, noise, timesteps
     weight = snr.clamp(max=snr_gamma) / (snr + 1 if v_prediction else snr)  # Hang et al. 2023, min(SNR, γ) over the target's
     per_image = F.mse_loss(model_output.float(), target, reduction="none").mean(dim=(1, 2, 3))
     return (weight * per_image).mean()
+
+
+def drop_labels(labels, config):
+    """08: the batch's class labels with a share label_dropout replaced by "no class" (index len(class_names)); None without labels."""
+    if not labels:
+        return None
+    (labels,) = labels
+    dropped = torch.rand(labels.shape, device=labels.device) < config.label_dropout
+    return torch.where(dropped, torch.full_like(labels, len(config.class_names)), labels)
 
 
 def make_accelerator(config):
@@ -703,6 +830,7 @@ def time_training(config, accelerator, model, noise_scheduler, train_dataloader,
     optimizer = torch.optim.AdamW(trial.parameters(), lr=config.learning_rate)
     ema_model = make_ema_model(config, trial)
     batch = train_dataloader.dataset[:config.train_batch_size][0].to(device)  # the cached images, not the loader's order
+    class_labels = torch.zeros(len(batch), dtype=torch.long, device=device) if config.class_names else None
     timings = []
     gpus = [device] if device.type != "cpu" else []
     with torch.random.fork_rng(devices=gpus, device_type=device.type if gpus else "cuda"):  # the run's seeds stay
@@ -714,7 +842,8 @@ def time_training(config, accelerator, model, noise_scheduler, train_dataloader,
                 noise = torch.randn_like(clean_images)
                 timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), device=device)
                 with accelerator.autocast():
-                    prediction = trial(noise_scheduler.add_noise(clean_images, noise, timesteps), timesteps).sample
+                    prediction = trial(noise_scheduler.add_noise(clean_images, noise, timesteps), timesteps,
+                                       class_labels=class_labels).sample
                 target = training_target(noise_scheduler, clean_images, noise, timesteps)
                 (prediction.float() - target).square().mean().backward()
             torch.nn.utils.clip_grad_norm_(trial.parameters(), config.max_grad_norm)
@@ -912,7 +1041,7 @@ def evaluate_and_save(config, epoch, accelerator, model, ema_model, noise_schedu
         unet.eval()
         pipeline = DDPMPipeline(unet=unet, scheduler=make_scheduler(config.eval_sampler, noise_scheduler))
         pipeline.set_progress_bar_config(disable=True)
-        grid = evaluate(config, epoch, pipeline)
+        grid = (evaluate_classes if config.class_names else evaluate)(config, epoch, pipeline)
         log_grid(accelerator, grid, min((epoch + 1) * log.steps_per_epoch, log.max_steps))  # to TensorBoard
         unet.train()
         if log.last:
@@ -920,7 +1049,7 @@ def evaluate_and_save(config, epoch, accelerator, model, ema_model, noise_schedu
                               f"{log.last['images_per_second']:.0f} images/s; grid saved as samples/{epoch:04d}.png")
     if save_model and accelerator.is_main_process:
         pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-        save_pipeline_atomically(pipeline, config.output_dir, raw_unet, model_card(config, epoch))
+        save_pipeline_atomically(pipeline, config.output_dir, raw_unet, model_card(config, epoch), config.class_names)
         if hub["repo_id"]:
             hub["uploads"].append(upload_to_hub(config, hub["repo_id"], f"Epoch {epoch}"))
     if ema_model is not None:
@@ -954,6 +1083,22 @@ def evaluate(config, epoch, pipeline):
         grid.save(f"{test_dir}/{epoch:04d}.png")
         return grid
     return None
+
+
+def evaluate_classes(config, epoch, pipeline):
+    """08's grid: a row per class (guidance_scale), the same noise down each column, saved as samples/<epoch>.png."""
+    from accelerate import PartialState
+    from diffusers.utils import make_image_grid
+
+    if not PartialState().is_main_process:
+        return None  # one process samples the grid; the others wait for it in evaluate_and_save
+    columns = max(1, config.eval_batch_size // len(config.class_names))
+    images, _ = class_grid(pipeline.unet, pipeline.scheduler, len(config.class_names), columns,
+                           config.eval_inference_steps, config.guidance_scale, config.seed)
+    grid = make_image_grid(to_pil_images(images), len(config.class_names), columns)
+    os.makedirs(os.path.join(config.output_dir, "samples"), exist_ok=True)
+    grid.save(os.path.join(config.output_dir, "samples", f"{epoch:04d}.png"))
+    return grid
 
 
 def log_grid(accelerator, grid, step):
@@ -1023,7 +1168,7 @@ def make_scheduler(name, config_or_scheduler):
 
 
 @torch.no_grad()
-def sample(unet, scheduler, noise, num_inference_steps, generator=None, callback=None):
+def sample(unet, scheduler, noise, num_inference_steps, generator=None, callback=None, class_labels=None, guidance_scale=1.0):
     """Run the reverse process from `noise` with any diffusers scheduler; returns images in [-1, 1]."""
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
@@ -1031,11 +1176,23 @@ def sample(unet, scheduler, noise, num_inference_steps, generator=None, callback
     extra = {"generator": generator} if takes_generator else {}
     for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(x, t)
-        noise_pred = unet(model_input, t).sample  # the model's output: its estimate of the noise in x_t (or of v)
+        noise_pred = guided_prediction(unet, model_input, t, class_labels, guidance_scale)  # ε̂ (or v̂); 08: guided
         x = scheduler.step(noise_pred, t, x, **extra).prev_sample  # x_t -> x_{t-1}
         if callback is not None:
             callback(i, t, x)
     return x
+
+
+def guided_prediction(unet, x, t, class_labels=None, guidance_scale=1.0):
+    """The U-Net's output for x_t; with class_labels (08), classifier-free guidance: unconditional + w × (conditional − unconditional)."""
+    if class_labels is None:
+        return unet(x, t).sample
+    no_class = torch.full_like(class_labels, unet.config.num_class_embeds - 1)  # the last index: "no class"
+    if guidance_scale in (0, 1):  # w = 0 is the unconditional prediction alone, w = 1 the conditional one: one pass
+        return unet(x, t, class_labels=class_labels if guidance_scale == 1 else no_class).sample
+    both = unet(torch.cat([x, x]), t, class_labels=torch.cat([class_labels, no_class])).sample  # one pass, both halves
+    conditional, unconditional = both.chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
 
 
 def predict_x0(scheduler, x_t, t, model_output):
@@ -1078,11 +1235,12 @@ def time_unet_pass(unet, batch_size, repeats=5):
     """Seconds one U-Net forward pass takes on a batch of batch_size images: the median of a few, after a warm-up."""
     size = unet.config.sample_size
     x = torch.randn(batch_size, unet.config.in_channels, size, size, device=unet.device, dtype=unet.dtype)
+    labels = torch.zeros(batch_size, dtype=torch.long, device=unet.device) if unet.config.num_class_embeds else None
     timings = []
     for _ in range(1 + repeats):  # the first pass also allocates memory and picks kernels: not counted
         synchronize(unet.device)
         start = time.perf_counter()
-        unet(x, 500)
+        guided_prediction(unet, x, 500, labels, guidance_scale=2.0)  # a class-conditional U-Net: guidance's two passes
         synchronize(unet.device)  # a GPU runs the pass after the call returns: wait for it
         timings.append(time.perf_counter() - start)
     return sorted(timings[1:])[repeats // 2]  # the median: one slow pass (another process, a page fault) does not count
@@ -1126,18 +1284,40 @@ def generate_images(unet, scheduler, num_images, num_inference_steps, batch_size
     return torch.cat(batches), seconds
 
 
+@torch.no_grad()
+def class_grid(unet, scheduler, num_classes, columns, num_inference_steps, guidance_scale, seed, batch_size=20, desc=None,
+               shared_noise=True):
+    """08: columns images of every class (image c × columns + j: class c, column j), in [-1, 1]; shared_noise: the same down each column."""
+    from tqdm.auto import tqdm
+
+    size = unet.config.sample_size
+    noise = torch.randn((columns if shared_noise else num_classes * columns, 3, size, size),
+                        generator=torch.Generator().manual_seed(seed))
+    noise = noise.repeat(num_classes, 1, 1, 1) if shared_noise else noise
+    labels = torch.arange(num_classes).repeat_interleave(columns)
+    bar = tqdm(total=math.ceil(len(labels) / batch_size) * num_inference_steps, desc=desc, unit="step", disable=None)
+    images = []
+    for b, (x, y) in enumerate(zip(noise.split(batch_size), labels.split(batch_size))):
+        generator = torch.Generator().manual_seed(seed + 1 + b)  # a stochastic sampler's fresh noise
+        images.append(sample(unet, scheduler, x.to(unet.device, unet.dtype), num_inference_steps, generator,
+                             lambda *_: bar.update(), y.to(unet.device), guidance_scale).float().cpu())
+    bar.close()
+    return torch.cat(images), labels
+
+
 def to_uint8(images):
     """Images in [-1, 1] to uint8 0-255, as PNG files and the quality metrics see them."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def make_grid(images):
-    """A near-square PIL grid of a batch of images in [-1, 1] (or uint8)."""
+def make_grid(images, rows=None):
+    """A PIL grid of a batch of images in [-1, 1] (or uint8): near-square, or in the rows given."""
     from diffusers.utils import make_image_grid
 
     if images.dtype == torch.uint8:
         images = images.float() / 127.5 - 1
-    return make_image_grid(to_pil_images(images), *grid_shape(len(images)))
+    shape = grid_shape(len(images)) if rows is None else (rows, len(images) // rows)
+    return make_image_grid(to_pil_images(images), *shape)
 
 
 def save_gif(frames, path, seconds_per_frame=0.1, hold_last_seconds=2.0):
@@ -1274,6 +1454,44 @@ def fid_kid_scores(fid, kid, images, batch_size=50, seed=0):
     return {"fid": fid.compute().item(), "kid": kid_mean.item(), "kid_std": kid_std.item()}
 
 
+# --------------------------------------------------------------------------- 08 conditioning
+
+
+def kid_features(kid, real=False):
+    """The Inception features KID kept: of the reference images (real=True), or of the set scored last."""
+    kept = kid.real_features if real else kid.fake_features
+    return torch.cat(kept).float().cpu() if isinstance(kept, list) else kept.float().cpu()
+
+
+def split_per_class(labels, held_out_per_class, seed=0):
+    """Indices of a training set and a held-out set of held_out_per_class images of every class (at least one left to train)."""
+    generator = torch.Generator().manual_seed(seed)
+    train, held_out = [], []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        cut = max(1, min(held_out_per_class, len(members) - 1))
+        held_out.append(members[:cut])
+        train.append(members[cut:])
+    return torch.cat(train), torch.cat(held_out)
+
+
+def train_probe(features, labels, num_classes, steps=300, weight_decay=1e-3, seed=0):
+    """A linear classifier (logistic regression) on standardised features; returns it as a function features -> class."""
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = torch.nn.Linear(features.shape[1], num_classes)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3, weight_decay=weight_decay)
+    x = (features - mean) / std
+    for _ in range(steps):  # full batch: a few hundred images, seconds on a CPU
+        loss = F.cross_entropy(probe(x), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return lambda new: probe((new - mean) / std).argmax(1).detach()
+
+
 # --------------------------------------------------------------------------- infrastructure: showing code, reading data
 
 
@@ -1375,6 +1593,21 @@ def save_run_settings(config):
         json.dump(dataclasses.asdict(config), file, indent=1)
 
 
+def config_of_run(run_dir, /, **values):
+    """08: the TrainingConfig a run saved in run_dir trained with (but not its Hub repo), every value given that is not None replaced."""
+    import dataclasses
+
+    settings = run_settings(run_dir)
+    if not settings:
+        raise FileNotFoundError(
+            f"{shown_path(run_dir)!r} holds no run trained here (no {RUN_SETTINGS_FILE}): train the quick model in "
+            "05_training.ipynb first, or set base_model to the output_dir of a run 05 finished."
+        )
+    fields = {f.name for f in dataclasses.fields(TrainingConfig)} - {"push_to_hub", "hub_model_id"}  # not 05's Hub repo
+    given = {name: value for name, value in values.items() if value is not None}
+    return TrainingConfig(**{**{k: v for k, v in settings.items() if k in fields}, **given})
+
+
 def run_settings(output_dir):
     """The TrainingConfig fields of the run saved in output_dir, as a dict ({} for a pipeline from elsewhere)."""
     import json
@@ -1437,7 +1670,7 @@ def prepare_output_dir(config):
     check_output_dir(config)
     if not config.resume_from_checkpoint and has_trained_model(config.output_dir):
         for name in PIPELINE_FILES + ("samples", "logs", ".tmp-pipeline", "samplers.csv", RUN_SETTINGS_FILE,
-                                      "train_minutes.json"):  # 07 writes samplers.csv
+                                      "train_minutes.json", CLASS_NAMES_FILE):  # 07 writes samplers.csv
             remove_path(os.path.join(config.output_dir, name))
         for path in checkpoints_in(config.output_dir) + glob.glob(os.path.join(config.output_dir, "checkpoint-*.tmp")):
             remove_path(path)  # also unfinished checkpoint-<step>.tmp folders of a killed run
@@ -1479,11 +1712,16 @@ def save_checkpoint(accelerator, config, global_step, log):
     return final
 
 
-def save_pipeline_atomically(pipeline, output_dir, raw_unet=None, card=None):
+def save_pipeline_atomically(pipeline, output_dir, raw_unet=None, card=None, class_names=None):
     """Save into a temporary folder, then move each file into place: a kill never leaves half a file."""
+    import json
+
     tmp = os.path.join(output_dir, ".tmp-pipeline")
     remove_path(tmp)
     pipeline.save_pretrained(tmp)
+    if class_names:  # 08: the class of each label index; index len(class_names) is "no class"
+        with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as file:
+            json.dump(list(class_names), file, indent=1)
     if raw_unet is not None:  # the weights before EMA averaging, for comparing the two (notebook 07)
         raw_unet.save_pretrained(os.path.join(tmp, "unet_raw"))
     if card is not None:  # README.md: the model card the Hub shows
@@ -1507,6 +1745,8 @@ def model_card(config, epoch):
     shown = f"![The last sample grid](samples/{os.path.basename(grids[-1])})\n\n" if grids else ""
     data = ModelCardData(library_name="diffusers", pipeline_tag="unconditional-image-generation",
                          tags=["diffusers", "unconditional-image-generation", "diffusion-models-course"])
+    if config.class_names:
+        return conditional_model_card(config, epoch, repo, data_name, shown, data)
     return ModelCard(f"""---
 {data.to_yaml()}
 ---
@@ -1533,6 +1773,44 @@ from diffusers import DDPMPipeline
 
 pipeline = DDPMPipeline.from_pretrained("{repo}")
 images = pipeline(batch_size=16, generator=torch.Generator().manual_seed(0)).images  # 1000 DDPM steps
+```
+""")
+
+
+def conditional_model_card(config, epoch, repo, data_name, shown, data):
+    """08: the Hub page of a class-conditional pipeline, with the lines that sample a class with guidance."""
+    from huggingface_hub import ModelCard
+
+    start = f"fine-tuned from `{Path(config.pretrained_model).name}`" if config.pretrained_model else "trained from scratch"
+    return ModelCard(f"""---
+{data.to_yaml()}
+---
+
+# {repo}
+
+A class-conditional diffusion model (`UNet2DModel` with `num_class_embeds={len(config.class_names) + 1}`: the
+{len(config.class_names)} classes of `class_names.json`, then "no class" for classifier-free guidance), {start}
+on {config.image_size}×{config.image_size} images of {data_name}, {epoch + 1} epochs, label dropout {config.label_dropout}.
+
+{shown}## How to use it
+
+```python
+import json, torch
+from diffusers import DDIMScheduler, UNet2DModel
+from huggingface_hub import hf_hub_download
+
+unet = UNet2DModel.from_pretrained("{repo}", subfolder="unet")
+scheduler = DDIMScheduler.from_pretrained("{repo}", subfolder="scheduler")
+class_names = json.load(open(hf_hub_download("{repo}", "class_names.json")))
+label, w = torch.tensor([class_names.index("{config.class_names[0]}")] * 4), 2.0
+no_class = torch.full_like(label, len(class_names))
+x = torch.randn(4, 3, {config.image_size}, {config.image_size}, generator=torch.Generator().manual_seed(0))
+scheduler.set_timesteps(50)
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        conditional, unconditional = unet(torch.cat([x, x]), t, class_labels=torch.cat([label, no_class])).sample.chunk(2)
+        x = scheduler.step(unconditional + w * (conditional - unconditional), t, x).prev_sample
+images = (x.clamp(-1, 1) + 1) / 2  # 4 images of that class, in [0, 1]
 ```
 """)
 
@@ -1635,11 +1913,18 @@ def parse_config(argv=None):
 
 def main(argv=None):
     """Load the images, build everything and train: `accelerate launch helpers.py --image_size 128 ...`."""
+    import dataclasses
+
     config = parse_config(argv)
     check_config(config)
     check_output_dir(config)
-    images = images_to_tensor(load_image_dataset(config.dataset_name), config.image_size)
-    result = train_loop(*build_training(config, images))
+    if config.class_conditional:  # 08: --class_conditional true, the labels from the subfolders
+        images, labels, class_names = labelled_images(config.dataset_name, config.image_size)
+        config = dataclasses.replace(config, class_names=class_names)
+        result = train_loop(*build_training(config, images, labels))
+    else:
+        images = images_to_tensor(load_image_dataset(config.dataset_name), config.image_size)
+        result = train_loop(*build_training(config, images))
     print(f"done: {result}")
 
 

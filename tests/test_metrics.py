@@ -1,6 +1,7 @@
 """Quality metrics (SWD, FID, KID) and the sampling helpers of notebook 06, on a CPU, with no network."""
 
 import os
+import types
 
 import numpy as np
 import pytest
@@ -268,7 +269,7 @@ def test_sde_dpm_solver_adds_fresh_noise_and_drives_the_evaluation_pipeline(tiny
 
 def test_time_unet_pass_ignores_the_warm_up_and_one_slow_pass(monkeypatch):
     class ClockedUNet:  # each call advances a fake clock by the next duration
-        config = type("Config", (), {"sample_size": 8, "in_channels": 3})()
+        config = type("Config", (), {"sample_size": 8, "in_channels": 3, "num_class_embeds": None})()
         device, dtype = torch.device("cpu"), torch.float32
 
         def __init__(self, durations):
@@ -276,6 +277,7 @@ def test_time_unet_pass_ignores_the_warm_up_and_one_slow_pass(monkeypatch):
 
         def __call__(self, x, t):
             self.now += self.durations.pop(0)
+            return types.SimpleNamespace(sample=x)  # what a UNet2DModel returns
 
     unet = ClockedUNet([5.0, 0.1, 0.9, 0.1, 0.1, 0.1])  # warm-up, then one pass slowed by something else
     monkeypatch.setattr(helpers.time, "perf_counter", lambda: unet.now)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 
 import pytest
@@ -348,11 +349,12 @@ def test_time_unet_pass_waits_for_an_mps_gpu(monkeypatch):
     monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("sync"))
 
     class MpsUNet:
-        config = type("Config", (), {"sample_size": 8, "in_channels": 3})()
+        config = type("Config", (), {"sample_size": 8, "in_channels": 3, "num_class_embeds": None})()
         device, dtype = torch.device("mps"), torch.float32
 
         def __call__(self, x, t):
             calls.append("pass")
+            return types.SimpleNamespace(sample=x)  # what a UNet2DModel returns
 
     monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: None)  # no MPS tensor on this machine
     helpers.time_unet_pass(MpsUNet(), 2, repeats=1)

@@ -24,7 +24,7 @@ import time
 import papermill
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ["05", "06", "07", "01", "02", "03", "04"]  # 06 and 07 need 05's model; 01 shows 05's grid
+ORDER = ["05", "06", "07", "08", "01", "02", "03", "04"]  # 06, 07 and 08 need 05's model; 01 shows 05's grid
 WIDGET = "application/vnd.jupyter.widget-view+json"
 NOTE_TAG = "run-note"
 MAX_BYTES = 2_000_000
@@ -64,6 +64,8 @@ def parameters_for(number, args, model_dir):
         return {**common, "dataset_name": os.path.abspath(args.data), "output_dir": model_dir, "overwrite_output_dir": True}
     if number in ("06", "07"):
         return common  # their defaults: the model 05 trained last (notebooks/.last_run) and the data it recorded
+    if number == "08":  # fine-tunes 05's model on the same images in class subfolders
+        return {**common, "dataset_name": os.path.abspath(args.class_data), "overwrite_output_dir": True}
     return {**common, "dataset_name": os.path.abspath(args.data)}
 
 
@@ -79,7 +81,8 @@ def write_run_page(record):
             r = record[number]
             lines.append(f"| {r['notebook']} | {r['date']} | {r['minutes']:.1f} min | {r['hardware']} | {r['versions']} | "
                          f"{r['data']} | {r['changed']} |")
-    lines += ["", "Regenerate with `python tools/make_outputs.py --data <folder>` (add `--preset tutorial` on a GPU).", ""]
+    lines += ["", "Regenerate with `python tools/make_outputs.py --data <folder> --class-data <folder of class subfolders>`",
+              "(add `--preset tutorial` on a GPU).", ""]
     with open(os.path.join(ROOT, "docs", "committed-run.md"), "w") as file:
         file.write("\n".join(lines))
 
@@ -142,6 +145,8 @@ def main():
     parser.add_argument("--data-label", default=None, help="how the note names the data (default: the folder's name)")
     parser.add_argument("--figure-label", default=None, help="names the data on the saved figures (default: the folder's name)")
     parser.add_argument("--preset", default="quick", help="05's preset: quick (a CPU) or tutorial (a GPU)")
+    parser.add_argument("--class-data", default=None, help="08's data: the same images in one subfolder per class")
+    parser.add_argument("--class-data-label", default=None, help="how the note names 08's data")
     parser.add_argument("--only", nargs="*", default=None, help="notebook numbers to run, e.g. 01 02 (default: all)")
     args = parser.parse_args()
 
@@ -152,11 +157,15 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     count = len(glob.glob(os.path.join(args.data, "**", "*.*"), recursive=True))
     data_label = args.data_label or f"the {count} images of a local folder `{os.path.basename(os.path.normpath(args.data))}`"
+    class_label = args.class_data_label or f"the images of a local folder of class subfolders `{os.path.basename(os.path.normpath(args.class_data or '.'))}`"
     when = datetime.date.today().isoformat()
+    if "08" in (args.only or ORDER) and not args.class_data:
+        parser.error("08 needs --class-data: a folder of the same images in one subfolder per class")
     for number in args.only or ORDER:
         source = glob.glob(os.path.join(ROOT, "notebooks", f"{number}_*.ipynb"))[0]
         output = os.path.join(out_dir, os.path.basename(source))
-        label = f"{args.figure_label or os.path.basename(os.path.normpath(args.data))}; {hardware(short=True)}; {when}; {versions()}"
+        data_name = args.figure_label or os.path.basename(os.path.normpath(args.data))
+        label = f"{data_name}{', by species' if number == '08' else ''}; {hardware(short=True)}; {when}; {versions()}"
         declared = papermill.inspect_notebook(source)
         params = {k: v for k, v in parameters_for(number, args, model_dir).items()
                   if k in declared and declared[k]["default"].strip("'\"") != str(v)}  # only what differs
@@ -175,7 +184,7 @@ def main():
                 f"{'' if on_gpu else 'a '}{hardware(short=True)}{'' if on_gpu else ' (not yet timed on a GPU)'} "
                 "([data, machine, settings](../docs/committed-run.md)).")
         record[number] = {"notebook": os.path.basename(source), "date": when, "minutes": minutes, "hardware": hardware(),
-                          "versions": versions(), "data": data_label, "changed": changed}
+                          "versions": versions(), "data": class_label if number == "08" else data_label, "changed": changed}
         json.dump(record, open(record_path, "w"), indent=1)
         write_run_page(record)
         nb = clean(output, note)
