@@ -90,8 +90,8 @@ def main():
     else:
         peer, peer_scheduler, peer_seconds = train_peer(real, args.out)
     course = DDPMPipeline.from_pretrained(args.course_model)
-    fid, kid = helpers.make_fid_kid(helpers.make_inception(), kid_subset_size=100)
-    helpers.add_real_images(fid, kid, real)
+    kid = helpers.make_kid(helpers.make_inception(), kid_subset_size=100)
+    helpers.add_real_images(kid, real)
     results = {"peer_training_seconds": peer_seconds, "samples": args.samples, "real_images": len(real),
                "course_model": args.course_model,
                "peer_parameters": earlier["peer_parameters"] if earlier else helpers.count_parameters(peer),
@@ -103,7 +103,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     for name, unet, scheduler in models:
         fake, _ = helpers.generate_images(unet, helpers.make_scheduler("ddim", scheduler), args.samples, 50, 64, seed=0)
-        results[name] = helpers.fid_kid_scores(fid, kid, helpers.to_uint8(fake))
+        results[name] = helpers.fid_kid_scores(kid, helpers.to_uint8(fake))
         helpers.make_grid(fake[:16]).save(os.path.join(args.out, f"{name}_ddim50.png"))
         print(name, results[name], flush=True)
     json.dump(results, open(os.path.join(args.out, "results.json"), "w"), indent=1)

@@ -25,13 +25,12 @@ def main():
     parser.add_argument("--samples", type=int, default=256)
     args = parser.parse_args()
     from diffusers import DDPMPipeline
-    from torchmetrics.image.fid import FrechetInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=helpers.make_inception(), reset_real_features=False)
     pipelines = {path: DDPMPipeline.from_pretrained(path) for path in args.models}
     size = next(iter(pipelines.values())).unet.config.sample_size
-    for batch in helpers.images_to_tensor(helpers.load_image_dataset(args.data), size).split(64):
-        fid.update(batch, real=True)
+    real = helpers.images_to_tensor(helpers.load_image_dataset(args.data), size)
+    kid = helpers.make_kid(helpers.make_inception(), kid_subset_size=min(100, args.samples, len(real)))
+    helpers.add_real_images(kid, real, batch_size=64)
     print(f"model | sampler | steps | FID ({args.samples} samples) | seconds per 16 images")
     for path, pipeline in pipelines.items():
         unet = pipeline.unet.to(helpers.pick_device()).eval()  # CUDA, else MPS, else the CPU
@@ -39,10 +38,8 @@ def main():
             name, steps = spec.split(":")
             fake, seconds = helpers.generate_images(unet, helpers.make_scheduler(name, pipeline.scheduler),
                                                     args.samples, int(steps), 16, seed=0)
-            fid.reset()
-            for batch in helpers.to_uint8(fake).split(64):
-                fid.update(batch, real=False)
-            print(f"{path} | {name} | {steps} | {fid.compute().item():.1f} | {seconds:.2f}", flush=True)
+            fid = helpers.fid_kid_scores(kid, helpers.to_uint8(fake), batch_size=64)["fid"]
+            print(f"{path} | {name} | {steps} | {fid:.1f} | {seconds:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -56,37 +56,37 @@ class TinyFeatures(torch.nn.Module):
 
 def test_fid_and_kid_are_near_zero_for_identical_sets_and_positive_for_different_ones():
     real = smooth_images(40)
-    fid, kid = helpers.make_fid_kid(TinyFeatures(), kid_subset_size=20)
-    helpers.add_real_images(fid, kid, real)
-    same = helpers.fid_kid_scores(fid, kid, real)
+    kid = helpers.make_kid(TinyFeatures(), kid_subset_size=20)
+    helpers.add_real_images(kid, real)
+    same = helpers.fid_kid_scores(kid, real)
     assert abs(same["fid"]) < 1e-6
     assert abs(same["kid"]) < 0.01  # unbiased, so near 0 on either side (random subsets)
-    darker = helpers.fid_kid_scores(fid, kid, (real.float() * 0.6).round().to(torch.uint8))
+    darker = helpers.fid_kid_scores(kid, (real.float() * 0.6).round().to(torch.uint8))
     assert darker["fid"] > 0.1 and darker["kid"] > 10 * abs(same["kid"])
     # reset() keeps the real features: scoring the real set again still gives ~0.
-    assert helpers.fid_kid_scores(fid, kid, real) == same
+    assert helpers.fid_kid_scores(kid, real) == same
 
 
 def test_kid_is_seeded_and_leaves_the_global_rng_alone():
     real, other = smooth_images(30), smooth_images(30, seed=9)
-    fid, kid = helpers.make_fid_kid(TinyFeatures(), kid_subset_size=10)
-    helpers.add_real_images(fid, kid, real)
+    kid = helpers.make_kid(TinyFeatures(), kid_subset_size=10)
+    helpers.add_real_images(kid, real)
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
-    first = helpers.fid_kid_scores(fid, kid, other)
+    first = helpers.fid_kid_scores(kid, other)
     assert torch.equal(torch.rand(1), expected_next)
-    assert helpers.fid_kid_scores(fid, kid, other) == first
+    assert helpers.fid_kid_scores(kid, other) == first
 
 
 def test_kid_with_too_few_images_for_its_subsets_says_what_to_do():
     real = smooth_images(30)
-    fid, kid = helpers.make_fid_kid(TinyFeatures(), kid_subset_size=20)
-    helpers.add_real_images(fid, kid, real)
+    kid = helpers.make_kid(TinyFeatures(), kid_subset_size=20)
+    helpers.add_real_images(kid, real)
     with pytest.raises(ValueError, match=r"subsets of 20 images.*10 generated.*kid_subset_size=10"):
-        helpers.fid_kid_scores(fid, kid, real[:10])
+        helpers.fid_kid_scores(kid, real[:10])
     with pytest.raises(ValueError, match="N×3×H×W"):
-        helpers.fid_kid_scores(fid, kid, real[:, 0])
+        helpers.fid_kid_scores(kid, real[:, 0])
 
 
 def test_make_inception_explains_a_missing_package_or_a_broken_file(monkeypatch, tmp_path):
@@ -112,38 +112,42 @@ def test_the_shipped_inception_gives_fid_near_zero_for_a_set_against_itself_and_
     real = smooth_images(24)
     noise = torch.randint(0, 256, real.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     assert inception(real[:2]).shape == (2, 2048)
-    fid, kid = helpers.make_fid_kid(inception, kid_subset_size=12)
-    helpers.add_real_images(fid, kid, real)
-    same = helpers.fid_kid_scores(fid, kid, real)
-    other = helpers.fid_kid_scores(fid, kid, noise)
+    kid = helpers.make_kid(inception, kid_subset_size=12)
+    helpers.add_real_images(kid, real)
+    same = helpers.fid_kid_scores(kid, real)
+    other = helpers.fid_kid_scores(kid, noise)
     assert abs(same["fid"]) < 1e-2, same  # the same features: the same Gaussian
     assert abs(same["kid"]) < 0.05 and other["kid"] > 10 * abs(same["kid"]), (same, other)  # unbiased: 0 give or take its noise
     assert other["fid"] > 100 and other["kid"] > 0.1, other
 
 
-def test_fid_and_kid_share_each_batchs_inception_features():
-    """torchmetrics' FID and KID each call the feature extractor: each batch goes through the network once."""
+@pytest.mark.parametrize("num_images, num_features", [(8, 2048), (40, 12)])  # fewer images than features, and more
+def test_fid_from_kids_features_equals_torchmetrics_fid_and_each_batch_passes_the_network_once(num_images, num_features):
+    """fid_kid_scores computes FID from the features KID kept; torchmetrics' own FID on the same images agrees."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     calls = []
 
     class Network(torch.nn.Module):  # a stand-in for Inception: a fixed projection of each image, counted
-        projection = torch.randn(3 * 16, 2048, generator=torch.Generator().manual_seed(0))
+        projection = torch.randn(3 * 16, num_features, generator=torch.Generator().manual_seed(0))
 
         def forward(self, x):
             calls.append(len(x))
             return F.adaptive_avg_pool2d(x, 4).flatten(1) @ self.projection
 
-    real, fake = smooth_images(8), torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8,
-                                                 generator=torch.Generator().manual_seed(1))
-    fid, kid = helpers.make_fid_kid(helpers.InceptionFeatures(Network()), kid_subset_size=4)
-    helpers.add_real_images(fid, kid, real, batch_size=4)
-    shared = helpers.fid_kid_scores(fid, kid, fake, batch_size=4)
-    assert calls == [4] * 4  # two real and two generated batches, each once
-    # The same scores as with a separate extractor for each metric (no sharing at all):
-    fid2, _ = helpers.make_fid_kid(helpers.InceptionFeatures(Network()), kid_subset_size=4)
-    _, kid2 = helpers.make_fid_kid(helpers.InceptionFeatures(Network()), kid_subset_size=4)
-    helpers.add_real_images(fid2, kid2, real, batch_size=4)
-    assert helpers.fid_kid_scores(fid2, kid2, fake, batch_size=4) == shared
-    assert len(calls) == 4 + 8
+    features = helpers.InceptionFeatures(Network())
+    features.num_features = num_features
+    real, fake = smooth_images(num_images), torch.randint(0, 256, (num_images, 3, 16, 16), dtype=torch.uint8,
+                                                          generator=torch.Generator().manual_seed(1))
+    kid = helpers.make_kid(features, kid_subset_size=4)
+    helpers.add_real_images(kid, real, batch_size=4)
+    ours = helpers.fid_kid_scores(kid, fake, batch_size=4)
+    assert calls == [4] * (2 * num_images // 4)  # every batch through the network once, for both metrics
+    reference = FrechetInceptionDistance(feature=features)
+    reference.update(real, real=True)
+    reference.update(fake, real=False)
+    assert ours["fid"] == pytest.approx(reference.compute().item(), rel=1e-6)
+    assert ours["fid"] > 1 and abs(helpers.fid_kid_scores(kid, real)["fid"]) < 1e-6
 
 
 # --------------------------------------------------------------------------- sampling helpers
