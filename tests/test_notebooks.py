@@ -45,6 +45,7 @@ def reduced_parameters(tmp):
         fast_samplers=[["ddim", 5], ["ddim", 3], ["dpm++", 5], ["dpm++", 3], ["sde-dpm++", 3], ["unipc", 3], ["euler", 3]],
         num_metric_images=4,
         bare_steps=3,
+        time_tutorial_model=False,  # 03: a minute per run for one number
     )
 
 
