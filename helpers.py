@@ -1433,11 +1433,12 @@ def frechet_distance(real, fake):
 
     def mean_and_factor(x):  # A: the centred features over √(n-1), or Σ's own square root when n > features
         x = x.double()
-        a = (x - x.mean(0)) / math.sqrt(len(x) - 1)
+        mean = x.mean(0)
+        a = (x - mean) / math.sqrt(len(x) - 1)
         if len(a) > a.shape[1]:
             values, vectors = torch.linalg.eigh(a.T @ a)
             a = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
-        return x.mean(0), a
+        return mean, a
 
     (mean_r, a_r), (mean_g, a_g) = mean_and_factor(real), mean_and_factor(fake)
     trace_sqrt = torch.linalg.svdvals(a_r @ a_g.T).sum()  # at most n × n: milliseconds, where 2048 × 2048 takes seconds
