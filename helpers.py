@@ -1448,7 +1448,8 @@ def frechet_distance(real, fake):
 def fid_kid_scores(kid, images, batch_size=50, seed=0):
     """FID and KID (mean and std over random subsets) of images against the real images already added."""
     images = check_images(images, "generated images")
-    num_real = len(kid_features(kid, real=True))
+    real = kid_features(kid, real=True)
+    num_real = len(real)
     if min(num_real, len(images)) < kid.subset_size:
         raise ValueError(
             f"KID draws subsets of {kid.subset_size} images, but there are {len(images)} generated and "
@@ -1461,7 +1462,7 @@ def fid_kid_scores(kid, images, batch_size=50, seed=0):
     with torch.random.fork_rng(devices=[]):  # KID's subsets use the global RNG: seed it, then restore it
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
-    fid = frechet_distance(kid_features(kid, real=True), kid_features(kid))
+    fid = frechet_distance(real, kid_features(kid))
     return {"fid": fid, "kid": kid_mean.item(), "kid_std": kid_std.item()}
 
 
